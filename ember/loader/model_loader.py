@@ -1,0 +1,74 @@
+"""Find a model by path, build its config and module, and stream its weights in."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gguf
+import torch
+from tqdm.auto import tqdm
+
+from ember.config import ModelConfig
+from ember.errors import ModelNotFoundError
+from ember.loader import gguf as gguf_loader
+from ember.loader import safetensors as st_loader
+from ember.models.base import CausalLM
+from ember.models.registry import model_class
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: its kind ("gguf" or "hf"), path, config, and (GGUF) the open reader."""
+
+    kind: str
+    path: str
+    config: ModelConfig
+    gguf_reader: gguf.GGUFReader | None = None
+
+
+def resolve_model(path: str) -> ModelSource:
+    """Check the path is a model ember can read and build its config (no weights read yet)."""
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"model path {path!r} does not exist")
+    if not os.access(path, os.R_OK):
+        raise ModelNotFoundError(f"model path {path!r} is not readable")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise ModelNotFoundError(f"{path!r} is not a model folder (no config.json)")
+        return ModelSource("hf", path, st_loader.model_config_from_folder(path))
+    if not path.endswith(".gguf"):
+        raise ModelNotFoundError(f"{path!r} is neither a .gguf file nor a Hugging Face model folder")
+    reader = gguf_loader.open_gguf(path)
+    return ModelSource("gguf", path, gguf_loader.model_config_from_gguf(reader), reader)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
+    """Instantiate the model in `dtype` on `device` and load its weights tensor by tensor."""
+    cls = model_class(source.config.architecture)
+    with _default_dtype(dtype), torch.device(device):
+        model = cls(source.config)
+    weights, total = _weights(source)
+    model.load_weights(tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False))
+    return model.eval()
+
+
+def _weights(source: ModelSource) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
+    if source.kind == "gguf":
+        reader = source.gguf_reader or gguf_loader.open_gguf(source.path)
+        return gguf_loader.iter_gguf_tensors(reader, source.config), len(reader.tensors)
+    files = st_loader.safetensors_files(source.path)
+    return st_loader.iter_safetensors(files), st_loader.count_tensors(files)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters are created directly in the target dtype (no float32 copy of the whole model)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

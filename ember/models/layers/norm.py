@@ -1,0 +1,27 @@
+"""RMSNorm, computed in float32 whatever the weight dtype (both families do this)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization over the last dimension.
+
+    `unit_offset` selects Gemma's variant: the stored weight w scales by (1 + w), and the product is
+    taken in float32 before casting back; Llama casts first and then scales by w.
+    """
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * x32.to(x.dtype)
