@@ -17,7 +17,7 @@ import jinja2
 import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken
 
 from ember.errors import InvalidRequestError, ModelNotFoundError
 from ember.loader.gguf_tokenizer import build_gguf_tokenizer, read_tokenizer_metadata
@@ -113,7 +113,10 @@ class Tokenizer:
         **kwargs: Any,
     ) -> str:
         """Render a conversation to prompt text with the model's jinja2 chat template, as transformers
-        does (same sandbox, options and helpers). Extra `kwargs` (e.g. `tools`) reach the template."""
+        does (same sandbox, options and helpers). Extra `kwargs` (e.g. `tools`) reach the template.
+
+        Encode the result with `add_special_tokens=False`, as transformers does: templates write BOS
+        themselves when the model wants one."""
         template = chat_template or self.chat_template
         if template is None:
             raise InvalidRequestError(
@@ -136,7 +139,7 @@ class Tokenizer:
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks): rendered as is."""
 
-    tags = {"generation"}
+    tags = frozenset({"generation"})
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -183,9 +186,10 @@ def _token_text(value: Any) -> str | None:
 
 
 def _from_hf_folder(folder: str) -> Tokenizer:
-    """A Hugging Face tokenizer folder, with transformers' adjustments on top of tokenizer.json:
-    named special tokens become special added tokens, and an explicit add_bos_token/add_eos_token
-    (or a missing post-processor) rebuilds the BOS/EOS template."""
+    """A Hugging Face tokenizer folder, read the way transformers (v5) reads it: tokenizer.json's
+    post-processor alone decides about BOS/EOS (add_bos_token in the config is ignored), named
+    special tokens missing from it become special added tokens, chat_template.jinja wins over the
+    config's template."""
     tokenizer_file = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(tokenizer_file):
         raise ModelNotFoundError(f"{folder} has no tokenizer.json")
@@ -196,10 +200,11 @@ def _from_hf_folder(folder: str) -> Tokenizer:
 
     present = {t.content for t in backend.get_added_tokens_decoder().values()}
     extra = []
-    for index, spec in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
+    for _, spec in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
         if spec.get("content") not in present:
             fields = ("single_word", "lstrip", "rstrip", "normalized", "special")
             extra.append(AddedToken(spec["content"], **{k: spec[k] for k in fields if k in spec}))
+            present.add(spec["content"])
     names: dict[str, str] = {}
     for name in _NAMED_SPECIALS:
         text = _token_text(config.get(name, special_map.get(name)))
@@ -207,6 +212,7 @@ def _from_hf_folder(folder: str) -> Tokenizer:
             names[name] = text
             if text not in present:
                 extra.append(AddedToken(text, special=True, normalized=False))
+                present.add(text)
     if extra:
         backend.add_tokens(extra)
 
@@ -214,20 +220,6 @@ def _from_hf_folder(folder: str) -> Tokenizer:
         return backend.token_to_id(names[name]) if name in names else None
 
     bos, eos = id_of("bos_token"), id_of("eos_token")
-    if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
-        add_bos = bool(config.get("add_bos_token")) and bos is not None
-        add_eos = bool(config.get("add_eos_token")) and eos is not None
-        first = f"{names.get('bos_token')}:0 " if add_bos else ""
-        last = f" {names.get('eos_token')}:0" if add_eos else ""
-        pair = f"{first}$A:0{last}" + (f" {names.get('bos_token')}:1" if add_bos else "") + " $B:1"
-        pair += f" {names.get('eos_token')}:1" if add_eos else ""
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{first}$A:0{last}",
-            pair=pair,
-            special_tokens=([(names["bos_token"], bos)] if add_bos else [])
-            + ([(names["eos_token"], eos)] if add_eos else []),
-        )
-
     eos_ids = [eos] if eos is not None else []
     extra_eos = generation.get("eos_token_id")
     eos_ids += [extra_eos] if isinstance(extra_eos, int) else list(extra_eos or [])
@@ -269,7 +261,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        context = list(prompt_ids[-self._CONTEXT :]) if prompt_ids else []
+        context = [int(i) for i in prompt_ids[max(0, len(prompt_ids) - self._CONTEXT) :]]
         if self._decode(context).endswith("\ufffd"):  # a prompt ending mid-character is no stable prefix
             context = []
         self._window = context  # ids from the start of the left context on

@@ -217,6 +217,21 @@ def test_chat_template_errors_are_request_errors(pair) -> None:
         tok.apply_chat_template([], chat_template=template)
 
 
+def test_chat_template_helpers_match_transformers(pair) -> None:
+    """tojson without HTML escaping, the {% generation %} tag, loop controls, bos_token/eos_token."""
+    _, tok, hf = pair
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}"
+        "{% generation %}{{ m | tojson }}{% endgeneration %}{{ eos_token }}\n{% endfor %}"
+        "{{ tools | tojson(indent=2) }}"
+    )
+    messages = [{"role": "user", "content": "<b>é</b> & 😀"}, {"role": "skip", "content": "x"}]
+    tools = [{"name": "f", "parameters": {"a": "<int>"}}]
+    ours = tok.apply_chat_template(messages, chat_template=template, tools=tools)
+    assert ours == hf.apply_chat_template(messages, chat_template=template, tools=tools, tokenize=False)
+    assert "<b>é</b> & 😀" in ours
+
+
 # --- a Hugging Face folder -------------------------------------------------------------------------
 
 HF_TEMPLATE = (
@@ -237,9 +252,14 @@ SENTENCES = [
 ] * 20
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["add_bos", "no_bos"])
+@pytest.fixture(scope="module", params=["add_bos", "no_bos", "legacy"])
 def hf_folder(request, tmp_path_factory) -> Path:
-    """A small byte-level BPE trained here, saved by transformers like a model repo's tokenizer."""
+    """A small byte-level BPE trained here, saved by transformers like a model repo's tokenizer.
+
+    "legacy" rewrites the files the way older repos have them: the template and add_bos_token in
+    tokenizer_config.json (transformers v5 ignores the flag when tokenizer.json exists), special
+    tokens in special_tokens_map.json, one of them ("<pad>") not in the vocabulary at all.
+    """
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -258,28 +278,38 @@ def hf_folder(request, tmp_path_factory) -> Path:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="</s>",
-        add_bos_token=request.param,
+        add_bos_token=request.param == "add_bos",
     )
     hf.chat_template = HF_TEMPLATE
     folder = tmp_path_factory.mktemp("hf_tokenizer")
     hf.save_pretrained(folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    if request.param == "legacy":
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config.update(chat_template=HF_TEMPLATE, add_bos_token=True)
+        special = {name: config.pop(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        special["pad_token"] = {"content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        (folder / "special_tokens_map.json").write_text(json.dumps(special))
+        (folder / "chat_template.jinja").unlink()
     return folder
 
 
 def test_hf_folder_matches_transformers(hf_folder: Path) -> None:
     tok = Tokenizer.from_pretrained(str(hf_folder))
     hf = transformers.AutoTokenizer.from_pretrained(str(hf_folder))
-    texts = TEXTS[:300] + SENTENCES[:4] + ["<s>hi</s>", "<|user|>x"]
+    texts = TEXTS[:300] + SENTENCES[:4] + ["<s>hi</s>", "<|user|>x", "a<pad>b"]
     for add_special_tokens in (True, False):
         ours = tok.encode_batch(texts, add_special_tokens=add_special_tokens)
         assert ours == hf(texts, add_special_tokens=add_special_tokens)["input_ids"]
-    for text in texts[::7]:
+    for text in texts[::7] + texts[-3:]:
         ids = hf(text)["input_ids"]
         assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+        assert tok.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False)
     assert tok.bos_token_id == hf.bos_token_id == 1
-    assert tok.eos_token_ids == [2, 5] and tok.pad_token_id == 2
-    assert tok.chat_template == hf.chat_template
+    assert tok.eos_token_ids == [2, 5] and tok.pad_token_id == hf.pad_token_id
+    assert tok.vocab_size == len(hf)
+    assert tok.chat_template == hf.chat_template == HF_TEMPLATE
     for messages in [CONVERSATIONS[0], CONVERSATIONS[2]]:
         for add_generation_prompt in (True, False):
             assert tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == (

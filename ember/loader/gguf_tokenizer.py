@@ -112,10 +112,12 @@ def build_gguf_tokenizer(reader: Any) -> tuple[Tokenizer, dict[str, Any]]:
         value = meta.get(f"tokenizer.ggml.{key}")
         return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
 
-    ids = {name: token_id(key) for name, key in (
-        ("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-        ("unk_token_id", "unknown_token_id"), ("pad_token_id", "padding_token_id"),
-    )}  # fmt: skip
+    ids = {
+        "bos_token_id": token_id("bos_token_id"),
+        "eos_token_id": token_id("eos_token_id"),
+        "unk_token_id": token_id("unknown_token_id"),
+        "pad_token_id": token_id("padding_token_id"),
+    }
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))  # llama.cpp's default
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
 
@@ -286,7 +288,19 @@ def tokenizer_metadata_from_reader(reader: Any) -> dict[str, Any]:
 
 
 # GGUF value types -> numpy dtypes of the fixed-size ones (little-endian).
-_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALARS = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
 _GGUF_MAGIC = b"GGUF"
 

@@ -1,0 +1,168 @@
+"""`ember generate` and `ember chat`. Flags come from the fields (and field docstrings) of
+`EngineConfig` and `SamplingParams`, so the help text always matches the code."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import logging
+import sys
+import textwrap
+from typing import Any
+
+from ember.config import EngineConfig
+from ember.errors import EmberError
+from ember.sampling_params import SamplingParams
+
+# Sampling fields offered as flags (the rest are API-only, e.g. prompt_logprobs).
+_SAMPLING_FLAGS = [
+    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "seed", "max_tokens", "min_tokens", "stop", "ignore_eos", "n", "skip_special_tokens",
+]
+
+
+# The engine's own seed (for unseeded requests) stays API-only: --seed is the request's.
+_ENGINE_FLAGS = [f.name for f in dataclasses.fields(EngineConfig) if f.name != "seed"]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal written under each dataclass field, by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, names: list[str] | None, overrides: dict[str, Any]) -> None:
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_") or (names is not None and f.name not in names):
+            continue
+        default = overrides.get(f.name, f.default)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        kind = _flag_type(f.type, default)
+        if f.name == "stop":
+            parser.add_argument(flag, action="append", default=None, help=help_text + "; repeat for several")
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def _flag_type(annotation: Any, default: Any) -> Any:
+    text = str(annotation)
+    if "float" in text:
+        return float
+    if "int" in text:
+        return int
+    return str if default is None or isinstance(default, str) else type(default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="Fast LLM inference on the CPU.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="stream a completion of PROMPT to the terminal")
+    generate.add_argument("prompt", help="the text to complete")
+    chat = commands.add_parser("chat", help="interactive chat with an instruct model (uses its chat template)")
+    chat.add_argument("--system", default=None, help="system message that starts the conversation")
+    chat.add_argument("--chat-template", default=None, help="file with a jinja2 chat template to use instead of the model's")
+    for sub, max_tokens in ((generate, 128), (chat, 512)):
+        _add_dataclass_flags(sub, EngineConfig, _ENGINE_FLAGS, {})
+        _add_dataclass_flags(sub, SamplingParams, _SAMPLING_FLAGS, {"max_tokens": max_tokens})
+        sub.add_argument("--verbose", action="store_true", help="log engine details to stderr")
+    return parser
+
+
+def _split_args(args: argparse.Namespace) -> tuple[EngineConfig, SamplingParams]:
+    values = vars(args)
+    engine = EngineConfig(**{name: values[name] for name in _ENGINE_FLAGS})
+    sampling = SamplingParams(**{name: values[name] for name in _SAMPLING_FLAGS})
+    return engine, sampling
+
+
+def _stream(engine: Any, request_id: str, prompt: str | list[int], params: SamplingParams) -> str:
+    """Run one request to the end, printing text as it arrives; returns the first completion's text."""
+    engine.add_request(request_id, prompt, params)
+    final = None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if params.n == 1:
+                sys.stdout.write(output.outputs[0].delta_text)
+                sys.stdout.flush()
+            final = output
+    if params.n > 1 and final is not None:
+        for completion in final.outputs:
+            sys.stdout.write(f"--- completion {completion.index} ({completion.finish_reason}) ---\n{completion.text}\n")
+    return final.outputs[0].text if final is not None else ""
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from ember.engine.llm_engine import LLMEngine
+
+    config, params = _split_args(args)
+    engine = LLMEngine(config)
+    engine.process_prompt(args.prompt)  # fail on a bad prompt before printing anything
+    sys.stdout.write(args.prompt)
+    _stream(engine, "generate", args.prompt, params)
+    sys.stdout.write("\n")
+
+
+def _run_chat(args: argparse.Namespace) -> None:
+    from ember.engine.llm_engine import LLMEngine
+
+    config, params = _split_args(args)
+    template = _read_template(args.chat_template)
+    engine = LLMEngine(config)
+    tokenizer = engine.tokenizer
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    tokenizer.apply_chat_template(messages + [{"role": "user", "content": "hi"}], chat_template=template)
+    print("ember chat: type a message, Ctrl-D to quit.", file=sys.stderr)
+    for turn in range(1_000_000):
+        try:
+            user = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        messages.append({"role": "user", "content": user})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
+        reply = _stream(engine, f"chat-{turn}", tokenizer.encode(prompt, add_special_tokens=False), params)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise EmberError(f"cannot read chat template {path!r}: {e.strerror}") from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    try:
+        if args.command == "generate":
+            _run_generate(args)
+        else:
+            _run_chat(args)
+    except EmberError as e:
+        print(f"ember: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
