@@ -32,6 +32,7 @@ class ForwardBatch:
     _masks: dict[int | None, tuple[int, torch.Tensor | None]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.kv_cache.prepare_slots(self.slots)
         device = self.input_ids.device
         self._slots_tensor = torch.tensor(self.slots, dtype=torch.long, device=device)
         self._token_slots = torch.repeat_interleave(

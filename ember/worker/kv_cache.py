@@ -26,6 +26,17 @@ class ContiguousKVCache:
         # torch.empty leaves pages untouched, so memory is committed only as positions are written.
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._zeroed_slots: set[int] = set()
+
+    def prepare_slots(self, slots: list[int]) -> None:
+        """Zero each slot before its first use. Attention reads a batch's slots up to the longest
+        sequence and masks the rest, but a masked key's value still gets multiplied by weight 0, and
+        never-written memory may hold NaN bit patterns (0 * NaN = NaN). Stale finite values are harmless."""
+        for slot in slots:
+            if slot not in self._zeroed_slots:
+                for cache in (*self.keys, *self.values):
+                    cache[slot].zero_()
+                self._zeroed_slots.add(slot)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
