@@ -35,6 +35,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     """Token ids that end the completion (included in token_ids)."""
     include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the text."""
     ignore_eos: bool = False
     """Keep generating after the end-of-sequence token."""
     max_tokens: int | None = 16
@@ -46,7 +47,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """Number of top log-probabilities returned per prompt token."""
     skip_special_tokens: bool = True
+    """Leave special tokens (e.g. end-of-turn) out of the output text."""
     spaces_between_special_tokens: bool = True
+    """Accepted for vLLM compatibility; decoding follows the tokenizer's own rules."""
     _stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,491 @@
+#!/usr/bin/env python
+"""Single-stream CPU benchmark of ember against llama.cpp and transformers on the default model.
+
+Measures, for each engine in its own subprocess (run one after the other, so they never share the
+cores, and so that environment variables are set before torch is imported):
+
+- decode tok/s: a `--prompt-tokens` prompt, `--decode-tokens` new tokens, greedy, EOS ignored;
+  decode = (t_N - t_1) / (N - 1), where t_1 is the time to the first token (TTFT);
+- prefill tok/s: `--prefill-tokens` / (time to the first token of a `--prefill-tokens` prompt).
+
+Every measurement is one warm-up and then the best of `--repeats`. All engines get the same prompt
+token ids (from ember's tokenizer, BOS first) and the same environment (OMP_WAIT_POLICY=ACTIVE).
+
+    python bench/bench_single_stream.py                       # all engines, prints two markdown tables
+    python bench/bench_single_stream.py --engines ember-bf16,llama.cpp --repeats 5 --out results.json
+    python bench/bench_single_stream.py --profile              # where ember bf16 decode time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any, Protocol
+
+ENGINES = ("ember-bf16", "ember-fp32", "llama.cpp", "hf-bf16", "hf-fp32")
+BASELINE = "llama.cpp"
+RESULT_PREFIX = "BENCH_RESULT "
+MEMORY_BANDWIDTH_GBS = 48.0  # assumed DRAM bandwidth for the roofline estimate
+PROFILE_STEPS = 32
+
+# Any fixed English text works: it is only turned into token ids (repeated when a prompt needs more).
+PROMPT_TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening just before sunset, carrying a "
+    "small brass lamp and a notebook in which he wrote down the color of the sky, the direction of the "
+    "wind and the ships he could see on the horizon. Over the years the notebook grew into a shelf of "
+    "notebooks, and the shelf into a small library that visitors from the village came to read on "
+    "rainy afternoons. Some of them looked for the day they were born, others for the storm that had "
+    "taken a boat from their family, and a few simply liked the calm handwriting and the short, exact "
+    "sentences about clouds. When the keeper grew too old for the stairs, a girl from the harbor "
+    "offered to carry the lamp for him, and he taught her how to read the weather from the shape of "
+    "the waves, how to trim the wick so the flame would not smoke, and how to write a line that says "
+    "only what was seen. "
+)
+
+
+class Runner(Protocol):
+    """An engine under test: greedy generation of exactly `n` tokens after `prompt`, EOS ignored."""
+
+    def generate(self, prompt: list[int], n: int) -> list[int]: ...
+
+
+@dataclass
+class Result:
+    engine: str
+    decode_tok_s: float
+    ttft_ms: float
+    prefill_tok_s: float
+    decode_tokens: int
+    prompt_tokens: int
+    prefill_tokens: int
+    load_s: float
+    first_tokens: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engines (each constructed only inside its child process)
+# ---------------------------------------------------------------------------------------------------
+
+
+class EmberRunner:
+    def __init__(self, dtype: str) -> None:
+        from ember import LLM, SamplingParams  # before torch: ember sets OMP_WAIT_POLICY at import
+
+        self._params = SamplingParams
+        self.llm = LLM(dtype=dtype)
+
+    def generate(self, prompt: list[int], n: int) -> list[int]:
+        params = self._params(temperature=0, max_tokens=n, ignore_eos=True)
+        outputs = self.llm.generate([prompt], params, use_tqdm=False)
+        return list(outputs[0].outputs[0].token_ids)
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python's low-level loop: eval the prompt, then one token at a time."""
+
+    def __init__(self, model_path: str, n_ctx: int) -> None:
+        import llama_cpp
+        import numpy as np
+
+        self._np = np
+        self._get_logits = llama_cpp.llama_get_logits_ith
+        self.llm = llama_cpp.Llama(
+            model_path,
+            n_threads=2,
+            n_threads_batch=2,
+            n_ctx=n_ctx,
+            n_batch=512,
+            flash_attn=True,  # a bool in 0.3.x, mapped to LLAMA_FLASH_ATTN_TYPE_ENABLED
+            verbose=False,
+        )
+        self._n_vocab = self.llm.n_vocab()
+
+    def _argmax(self) -> int:
+        logits = self._np.ctypeslib.as_array(self._get_logits(self.llm.ctx, -1), shape=(self._n_vocab,))
+        return int(logits.argmax())
+
+    def generate(self, prompt: list[int], n: int) -> list[int]:
+        self.llm.reset()  # n_tokens = 0; eval() then drops every cached position >= 0 (fresh KV cache)
+        self.llm.eval(prompt)
+        tokens = [self._argmax()]
+        while len(tokens) < n:  # EOS is never checked: exactly n tokens
+            self.llm.eval([tokens[-1]])
+            tokens.append(self._argmax())
+        return tokens
+
+
+class HFRunner:
+    def __init__(self, model_path: str, dtype: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(2)
+        self._torch = torch
+        folder, name = os.path.split(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype)).eval()
+
+    def generate(self, prompt: list[int], n: int) -> list[int]:
+        torch = self._torch
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                top_p=None,
+                top_k=None,
+                pad_token_id=0,
+            )
+        return out[0, len(prompt) :].tolist()
+
+
+def make_runner(engine: str, model_path: str, n_ctx: int) -> Runner:
+    if engine == "ember-bf16":
+        return EmberRunner("bfloat16")
+    if engine == "ember-fp32":
+        return EmberRunner("float32")
+    if engine == "llama.cpp":
+        return LlamaCppRunner(model_path, n_ctx)
+    if engine == "hf-bf16":
+        return HFRunner(model_path, "bfloat16")
+    if engine == "hf-fp32":
+        return HFRunner(model_path, "float32")
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurement (child side)
+# ---------------------------------------------------------------------------------------------------
+
+
+def best_time(fn: Callable[[], Any], repeats: int) -> float:
+    """One warm-up call, then the fastest of `repeats` timed calls (seconds)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def generate_checked(runner: Runner, prompt: list[int], n: int) -> list[int]:
+    tokens = runner.generate(prompt, n)
+    if len(tokens) != n:
+        raise RuntimeError(f"asked for {n} tokens, got {len(tokens)}")
+    return tokens
+
+
+def measure(engine: str, runner: Runner, prompt: list[int], prefill: list[int], n: int, repeats: int) -> Result:
+    first_tokens = generate_checked(runner, prompt, min(n, 16))
+    ttft = best_time(lambda: generate_checked(runner, prompt, 1), repeats)
+    full = best_time(lambda: generate_checked(runner, prompt, n), repeats)
+    prefill_s = best_time(lambda: generate_checked(runner, prefill, 1), repeats)
+    return Result(
+        engine=engine,
+        decode_tok_s=(n - 1) / (full - ttft) if n > 1 and full > ttft else float("nan"),
+        ttft_ms=ttft * 1e3,
+        prefill_tok_s=len(prefill) / prefill_s,
+        decode_tokens=n,
+        prompt_tokens=len(prompt),
+        prefill_tokens=len(prefill),
+        load_s=0.0,
+        first_tokens=first_tokens,
+    )
+
+
+def child_main(engine: str, prompts_file: str, decode_tokens: int, repeats: int) -> None:
+    with open(prompts_file) as f:
+        spec = json.load(f)
+    n_ctx = max(1024, len(spec["prefill"]) + 8, len(spec["prompt"]) + decode_tokens + 8)
+    start = time.perf_counter()
+    runner = make_runner(engine, spec["model"], n_ctx)
+    load_s = time.perf_counter() - start
+    result = measure(engine, runner, spec["prompt"], spec["prefill"], decode_tokens, repeats)
+    result.load_s = load_s
+    print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Profile of ember bf16 decode (child side)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _event_ms(events: Any, name: str, predicate: Callable[[Any], bool] = lambda e: True) -> float:
+    """Total CPU time (ms, children included) of the profiled events called `name`."""
+    return sum(e.cpu_time_total for e in events if e.key == name and predicate(e)) / 1e3
+
+
+def profile_child(prompts_file: str) -> None:
+    from ember import LLM, SamplingParams
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with open(prompts_file) as f:
+        prompt = json.load(f)["prompt"]
+    llm = LLM(dtype="bfloat16")
+    engine = llm.engine
+    warmup = 8
+    engine.add_request("profile", prompt, SamplingParams(temperature=0, max_tokens=2 * PROFILE_STEPS + warmup + 2, ignore_eos=True))
+    for _ in range(1 + warmup):  # prefill, then a few decode steps
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(PROFILE_STEPS):
+        engine.step()
+    plain_ms = (time.perf_counter() - start) * 1e3 / PROFILE_STEPS
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        for _ in range(PROFILE_STEPS):
+            engine.step()
+        profiled_ms = (time.perf_counter() - start) * 1e3 / PROFILE_STEPS
+    engine.abort_request("profile")
+
+    model = engine.runner.model
+    config = engine.model_config
+    head_shape = [config.vocab_size, config.hidden_size]
+    events = prof.key_averages(group_by_input_shape=True)
+    linear_ms = _event_ms(events, "aten::linear") / PROFILE_STEPS
+    head_ms = _event_ms(events, "aten::linear", lambda e: head_shape in e.input_shapes) / PROFILE_STEPS
+    attention_ms = _event_ms(events, "aten::scaled_dot_product_attention") / PROFILE_STEPS
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied head counted once
+    roofline_ms = weight_bytes / (MEMORY_BANDWIDTH_GBS * 1e9) * 1e3
+    report = {
+        "engine": "ember-bf16",
+        "steps": PROFILE_STEPS,
+        "torch_threads": torch.get_num_threads(),
+        "ms_per_token": plain_ms,
+        "ms_per_token_profiled": profiled_ms,
+        "linear_ms": linear_ms,
+        "lm_head_ms": head_ms,
+        "attention_ms": attention_ms,
+        "other_ms": profiled_ms - linear_ms - attention_ms,
+        "weight_bytes": weight_bytes,
+        "roofline_ms": roofline_ms,
+        "bandwidth_gbs": MEMORY_BANDWIDTH_GBS,
+        "top_ops": [
+            {"name": e.key, "self_ms": e.self_cpu_time_total / 1e3 / PROFILE_STEPS, "calls": e.count / PROFILE_STEPS}
+            for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+        ],
+    }
+    print(RESULT_PREFIX + json.dumps(report), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parent: prompts, subprocesses, tables
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_prompt(tokenizer: Any, length: int) -> list[int]:
+    """Exactly `length` token ids of PROMPT_TEXT (repeated as needed), BOS first."""
+    text = PROMPT_TEXT
+    while True:
+        ids = tokenizer.encode(text)
+        if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+            ids = [tokenizer.bos_token_id] + ids
+        if len(ids) >= length:
+            return ids[:length]
+        text += PROMPT_TEXT
+
+
+def write_prompts(prompt_tokens: int, prefill_tokens: int) -> str:
+    from ember.model_zoo import default_model_path
+    from ember.tokenizer import Tokenizer
+
+    model = default_model_path()
+    tokenizer = Tokenizer.from_pretrained(model)
+    spec = {
+        "model": model,
+        "prompt": make_prompt(tokenizer, prompt_tokens),
+        "prefill": make_prompt(tokenizer, prefill_tokens),
+    }
+    fd, path = tempfile.mkstemp(prefix="ember_bench_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
+    return path
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # the same for every engine (llama.cpp's ggml uses OpenMP too)
+    return env
+
+
+def run_child(args: list[str]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", *args], capture_output=True, text=True, env=child_env()
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-20:])
+    raise RuntimeError(f"child {args[0]} failed (exit {proc.returncode}):\n{tail}")
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
+        "llama-cpp-python": package_version("llama_cpp_python"),
+        "ember": package_version("ember"),
+        "OMP_WAIT_POLICY": child_env()["OMP_WAIT_POLICY"],
+    }
+
+
+def ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}x" if base else "-"
+
+
+def results_table(results: Sequence[dict[str, Any]]) -> str:
+    first = results[0]
+    n, p, pre = first["decode_tokens"], first["prompt_tokens"], first["prefill_tokens"]
+    base = next((r for r in results if r["engine"] == BASELINE), None)
+    lines = [
+        f"| engine | decode tok/s | TTFT ms ({p}-tok prompt) | prefill tok/s ({pre}) "
+        f"| decode vs {BASELINE} | prefill vs {BASELINE} |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['engine']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} | {r['prefill_tok_s']:.1f} "
+            f"| {ratio(r['decode_tok_s'], base and base['decode_tok_s'])} "
+            f"| {ratio(r['prefill_tok_s'], base and base['prefill_tok_s'])} |"
+        )
+    return "\n".join(lines) + f"\n\ndecode: {n} new tokens, time of the {n - 1} after the first; best of repeats."
+
+
+def agreement_note(results: Sequence[dict[str, Any]]) -> str:
+    """Greedy outputs should agree at least at the start; different dtypes/kernels may diverge later."""
+    heads = {r["engine"]: r["first_tokens"] for r in results}
+    ref_engine, ref = next(iter(heads.items()))
+    notes = []
+    for engine, tokens in heads.items():
+        same = next((i for i, (a, b) in enumerate(zip(ref, tokens)) if a != b), min(len(ref), len(tokens)))
+        notes.append(f"{engine}: {same}/{len(tokens)}")
+    return f"greedy tokens matching {ref_engine} (first {len(ref)}): " + ", ".join(notes)
+
+
+def profile_table(p: dict[str, Any]) -> str:
+    total = p["ms_per_token_profiled"]
+
+    def row(label: str, ms: float) -> str:
+        return f"| {label} | {ms:.2f} | {100 * ms / total:.0f}% |"
+
+    lines = [
+        f"| ember bf16 decode, per token (mean of {p['steps']} steps) | ms | share |",
+        "|---|---:|---:|",
+        f"| total, without profiler | {p['ms_per_token']:.2f} | |",
+        row("total, under profiler", total),
+        row("weight matmuls (aten::linear, incl. LM head)", p["linear_ms"]),
+        row("  of which LM head (tied embedding)", p["lm_head_ms"]),
+        row("attention (scaled_dot_product_attention)", p["attention_ms"]),
+        row("everything else (norms, rotary, sampling, Python/dispatch)", p["other_ms"]),
+        f"| roofline: {p['weight_bytes'] / 1e6:.0f} MB of weights / {p['bandwidth_gbs']:.0f} GB/s "
+        f"| {p['roofline_ms']:.2f} | {1e3 / p['roofline_ms']:.0f} tok/s max |",
+    ]
+    ops = ["", "top ops by self CPU time (ms per token, calls per token):"]
+    ops += [f"  {o['name']}: {o['self_ms']:.3f} ms, {o['calls']:.0f} calls" for o in p["top_ops"]]
+    return "\n".join(lines + ops)
+
+
+def print_machine(info: dict[str, Any]) -> None:
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (best is kept)")
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--out", help="write results (and machine info) to this JSON file")
+    parser.add_argument("--profile", action="store_true", help="only profile ember bf16 decode")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        if args.profile:
+            profile_child(args.prompts_file)
+        else:
+            child_main(args.child, args.prompts_file, args.decode_tokens, args.repeats)
+        return
+
+    engines = ["ember-bf16"] if args.profile else [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        sys.exit(f"unknown engine(s): {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    if args.decode_tokens < 2:
+        sys.exit("--decode-tokens must be at least 2")
+    info = machine_info()
+    print_machine(info)
+    prompts_file = write_prompts(args.prompt_tokens, args.prefill_tokens)
+    try:
+        if args.profile:
+            report = run_child(["ember-bf16", "--profile", "--prompts-file", prompts_file])
+            print(profile_table(report))
+            output: dict[str, Any] = {"machine": info, "profile": report}
+        else:
+            results = run_engines(engines, args, prompts_file)
+            print(results_table(results))
+            print(agreement_note(results))
+            output = {"machine": info, "results": results}
+    finally:
+        os.unlink(prompts_file)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(output, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+def run_engines(engines: Sequence[str], args: argparse.Namespace, prompts_file: str) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    results = []
+    with tqdm(engines, desc="engines", unit="engine") as bar:
+        for engine in bar:
+            bar.set_postfix_str(engine)
+            child_args = [engine, "--prompts-file", prompts_file, "--repeats", str(args.repeats)]
+            child_args += ["--decode-tokens", str(args.decode_tokens)]
+            results.append(run_child(child_args))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The batched sampler against direct per-row computations."""
+
+from __future__ import annotations
+
+import torch
+
+from ember.worker.sampler import Sampler, SamplingRow, _apply_penalties, _filtered_probs
+
+VOCAB = 50
+
+
+def _row(seed: int = 0, **kwargs) -> SamplingRow:
+    values = dict(
+        temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
+        repetition_penalty=1.0, generator=torch.Generator().manual_seed(seed), prompt_token_ids=[1, 2],
+        output_token_ids=[3, 3, 4], suppressed_token_ids=[], num_logprobs=None,
+    )
+    values.update(kwargs)
+    return SamplingRow(**values)
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(3, VOCAB)
+    out = Sampler()(logits, [_row(temperature=0.0)] * 3)
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_top_k_top_p_min_p_filters():
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(0))
+    rows = [_row(top_k=5), _row(top_p=0.5), _row(min_p=0.2), _row()]
+    probs = _filtered_probs(logits, rows)
+    assert (probs[0] > 0).sum() == 5 and set(probs[0].nonzero().flatten().tolist()) == set(logits[0].topk(5).indices.tolist())
+    full = logits[1].softmax(-1)
+    ordered = full.sort(descending=True).values
+    keep = int(((ordered.cumsum(0) - ordered) <= 0.5).sum())
+    assert (probs[1] > 0).sum() == keep
+    full2 = logits[2].softmax(-1)
+    assert torch.equal(probs[2] > 0, full2 >= 0.2 * full2.max())
+    assert (probs[3] > 0).all()
+
+
+def test_penalties_follow_vllm_semantics():
+    logits = torch.full((1, VOCAB), 2.0)
+    logits[0, 1] = -2.0
+    out = _apply_penalties(logits, [_row(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)])
+    assert out[0, 1] == -4.0  # prompt token, negative logit: multiplied
+    assert out[0, 2] == 1.0  # prompt token, positive: divided
+    assert out[0, 3] == 1.0 - 0.5 - 0.5  # output token twice: divided, then presence and 2x frequency
+    assert out[0, 10] == 2.0  # unseen: untouched
+
+
+def test_suppressed_tokens_never_sampled():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 7] = 100.0
+    out = Sampler()(logits, [_row(temperature=0.0, suppressed_token_ids=[7])])
+    assert out.token_ids[0] != 7
+
+
+def test_seeded_rows_do_not_depend_on_batch():
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(1))
+    alone = Sampler()(logits[:1], [_row(seed=42)])
+    batched = Sampler()(logits, [_row(seed=42), _row(seed=1, top_k=3), _row(temperature=0.0)])
+    assert alone.token_ids[0] == batched.token_ids[0]
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3)
+    sampler = Sampler()
+    for _ in range(2000):
+        counts[sampler(logits, [_row(generator=generator)]).token_ids[0]] += 1
+    assert torch.allclose(counts / 2000, torch.tensor([0.7, 0.2, 0.1]), atol=0.04)
