@@ -20,7 +20,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 
 from ember.errors import InvalidRequestError, ModelNotFoundError
-from ember.loader.gguf_tokenizer import build_gguf_tokenizer, read_tokenizer_metadata
+from ember.loader.gguf_file import GGUFFile
+from ember.loader.gguf_tokenizer import build_gguf_tokenizer
 
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -66,13 +67,13 @@ class Tokenizer:
         if os.path.isdir(path):
             return _from_hf_folder(path)
         if os.path.isfile(path):
-            return cls.from_gguf(read_tokenizer_metadata(path))
+            return cls.from_gguf(GGUFFile(path))
         raise ModelNotFoundError(f"tokenizer not found: {path} is neither a .gguf file nor a folder")
 
     @classmethod
-    def from_gguf(cls, reader: Any) -> Tokenizer:
-        """From an open `gguf.GGUFReader` (e.g. the model loader's) or `read_tokenizer_metadata`'s dict."""
-        backend, info = build_gguf_tokenizer(reader)
+    def from_gguf(cls, source: GGUFFile | Mapping[str, Any]) -> Tokenizer:
+        """From an open `GGUFFile` (e.g. the model loader's, so the file is parsed once) or its metadata."""
+        backend, info = build_gguf_tokenizer(source)
         names = {
             name: backend.id_to_token(info[f"{name}_id"]) for name in _NAMED_SPECIALS if info[f"{name}_id"] is not None
         }

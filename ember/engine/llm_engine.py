@@ -38,7 +38,10 @@ class LLMEngine:
         source = resolve_model(path)
         self.model_config = source.config
         self.dtype = resolve_dtype(config.dtype)
-        self.tokenizer = Tokenizer.from_pretrained(path)
+        # A GGUF's tokenizer comes from the file resolve_model already parsed.
+        self.tokenizer = (
+            Tokenizer.from_gguf(source.gguf_file) if source.gguf_file is not None else Tokenizer.from_pretrained(path)
+        )
         self.eos_token_ids = list(dict.fromkeys(self.model_config.eos_token_ids + self.tokenizer.eos_token_ids))
         self.max_model_len = self._max_model_len()
         model = load_model(source, self.dtype, config.device)

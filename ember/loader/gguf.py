@@ -10,11 +10,11 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import gguf
 import torch
 
 from ember.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, RopeConfig
 from ember.errors import CorruptModelError, UnsupportedModelError
+from ember.loader.gguf_file import GGUFFile
 from ember.loader.gguf_quants import dequantize
 
 _ARCHITECTURES = {
@@ -47,32 +47,26 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def open_gguf(path: str) -> gguf.GGUFReader:
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises many kinds of errors on a bad file
-        raise CorruptModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+def open_gguf(path: str) -> GGUFFile:
+    """Open a GGUF file (metadata and tensor directory parsed, tensor data memory-mapped)."""
+    return GGUFFile(path)
 
 
-def field_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+def field_value(gguf_file: GGUFFile, key: str, default: Any = None) -> Any:
+    return gguf_file.get(key, default)
 
 
-def model_config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
-    arch = field_value(reader, "general.architecture")
+def model_config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
+    arch = field_value(gguf_file, "general.architecture")
     if arch not in _ARCHITECTURES:
         supported = ", ".join(sorted(_ARCHITECTURES))
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (supported: {supported})")
-    tensor_names = {t.name for t in reader.tensors}
+    tensor_names = {t.name for t in gguf_file.tensors}
     if "rope_freqs.weight" in tensor_names:
         raise UnsupportedModelError("GGUF files with per-frequency RoPE factors (rope_freqs) are not supported yet")
 
     def meta(key: str, default: Any = None) -> Any:
-        return field_value(reader, f"{arch}.{key}", default)
+        return field_value(gguf_file, f"{arch}.{key}", default)
 
     try:
         hidden = int(meta("embedding_length"))
@@ -83,7 +77,7 @@ def model_config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         raise CorruptModelError(f"GGUF metadata lacks required {arch} fields") from e
     kv_heads = int(meta("attention.head_count_kv", heads))
     head_dim = int(meta("attention.key_length", hidden // heads))
-    tokens = field_value(reader, "tokenizer.ggml.tokens")
+    tokens = field_value(gguf_file, "tokenizer.ggml.tokens")
     vocab = int(meta("vocab_size", len(tokens) if tokens else 0))
     is_gemma = arch == "gemma3"
     sliding_window = meta("attention.sliding_window") if is_gemma else None
@@ -92,7 +86,7 @@ def model_config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         layer_types = [
             FULL_ATTENTION if (i + 1) % _GEMMA3_SLIDING_PATTERN == 0 else SLIDING_ATTENTION for i in range(n_layers)
         ]
-    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    eos = field_value(gguf_file, "tokenizer.ggml.eos_token_id")
     return ModelConfig(
         architecture=_ARCHITECTURES[arch],
         vocab_size=vocab,
@@ -115,9 +109,9 @@ def model_config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         rope_local=RopeConfig(theta=_GEMMA3_LOCAL_ROPE_THETA) if is_gemma else None,
         query_pre_attn_scalar=head_dim if is_gemma else None,
         gemma_norms=is_gemma,
-        bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=field_value(gguf_file, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=[int(eos)] if eos is not None else [],
-        pad_token_id=field_value(reader, "tokenizer.ggml.padding_token_id"),
+        pad_token_id=field_value(gguf_file, "tokenizer.ggml.padding_token_id"),
     )
 
 
@@ -131,15 +125,14 @@ def _rope_from_gguf(meta: Any) -> RopeConfig:
     raise UnsupportedModelError(f"GGUF RoPE scaling {scaling!r} is not supported")
 
 
-def iter_gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_tensors(gguf_file: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, float32 tensor), one tensor at a time (the file stays memory-mapped)."""
     is_llama = config.architecture in ("LlamaForCausalLM", "MistralForCausalLM")
-    for tensor in reader.tensors:
+    for tensor in gguf_file.tensors:
         name = _hf_name(tensor.name, config.gemma_norms)
         if name is None:
             continue
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        weights = dequantize(tensor.data, tensor.tensor_type, shape)
+        weights = dequantize(tensor.data, tensor.qtype, tensor.shape)
         if config.gemma_norms and "norm" in tensor.name:
             weights = weights - 1.0
         if is_llama and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
@@ -172,7 +165,7 @@ def _unpermute_rope_rows(weights: torch.Tensor, heads: int) -> torch.Tensor:
     return weights.reshape(heads, half, 2, *weights.shape[1:]).transpose(1, 2).reshape(weights.shape)
 
 
-def gguf_tensor_count(reader: gguf.GGUFReader) -> int:
-    return len(reader.tensors)
+def gguf_tensor_count(gguf_file: GGUFFile) -> int:
+    return len(gguf_file.tensors)
 
 

@@ -129,9 +129,12 @@ def _type_name(qtype: GGMLQuantizationType | int) -> str:
 
 
 def dequantize(raw: numpy.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
-    """Decode one GGUF tensor's data (as `GGUFReader` exposes it) into a new float32 tensor of `shape`.
+    """Decode one GGUF tensor's data into a new float32 tensor of `shape`.
 
-    `shape` is the row-major torch shape (the reverse of the GGUF dims). `raw` is only read.
+    `raw` holds the tensor's bytes in file order: `GGUFTensor.data` (a flat uint8 view), or any
+    C-contiguous array of them, e.g. as `gguf.GGUFReader` exposes it ((rows, bytes per row) uint8 for
+    quantized types, typed values for F32/F16). It is only read. `shape` is the row-major torch
+    shape (the reverse of the GGUF dims).
     """
     fn = _DEQUANT.get(qtype)
     if fn is None:

@@ -17,16 +17,14 @@ like "<start_of_turn>" or "<|im_start|>" encodes to a single id.
 
 from __future__ import annotations
 
-import mmap
-import struct
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from ember.errors import CorruptModelError, UnsupportedModelError
+from ember.loader.gguf_file import GGUFFile
 
 # llama.cpp token types (gguf.TokenType), as stored in `tokenizer.ggml.token_type`.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -66,35 +64,14 @@ _END_OF_TURN = {
     "<|end_of_text|>", "<EOT>", "_<EOT>", "<end_of_utterance>", "<|return|>", "<|call|>",
 }  # fmt: skip
 
-_KEYS = (
-    "general.architecture",
-    "tokenizer.ggml.model",
-    "tokenizer.ggml.pre",
-    "tokenizer.ggml.tokens",
-    "tokenizer.ggml.scores",
-    "tokenizer.ggml.token_type",
-    "tokenizer.ggml.merges",
-    "tokenizer.ggml.bos_token_id",
-    "tokenizer.ggml.eos_token_id",
-    "tokenizer.ggml.unknown_token_id",
-    "tokenizer.ggml.padding_token_id",
-    "tokenizer.ggml.eot_token_id",
-    "tokenizer.ggml.eom_token_id",
-    "tokenizer.ggml.add_bos_token",
-    "tokenizer.ggml.add_eos_token",
-    "tokenizer.chat_template",
-)
-
-
-def build_gguf_tokenizer(reader: Any) -> tuple[Tokenizer, dict[str, Any]]:
+def build_gguf_tokenizer(source: GGUFFile | Mapping[str, Any]) -> tuple[Tokenizer, dict[str, Any]]:
     """The tokenizer a GGUF describes, and its special-token info.
 
-    `reader` is a `gguf.GGUFReader`, or the metadata mapping `read_tokenizer_metadata` returns (much
-    faster: GGUFReader spends ~10 s building a numpy view per string of a 262k vocabulary).
+    `source` is an open `GGUFFile` or its `metadata` mapping (plain Python values by GGUF key).
     The info dict has `bos_token_id`, `eos_token_id`, `unk_token_id`, `pad_token_id` (int or None),
     `eos_token_ids` (EOS plus end-of-turn ids), `add_bos`, `add_eos` and `chat_template`.
     """
-    meta = reader if isinstance(reader, Mapping) else tokenizer_metadata_from_reader(reader)
+    meta = source.metadata if isinstance(source, GGUFFile) else source
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if model not in ("llama", "gpt2"):
@@ -275,94 +252,3 @@ def _bos_eos_template(
     pair = single + (f" {tokens[bos]}:1" if add_bos else "") + " $B:1" + (f" {tokens[eos]}:1" if add_eos else "")
     special = ([(tokens[bos], bos)] if add_bos else []) + ([(tokens[eos], eos)] if add_eos else [])
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
-
-
-def tokenizer_metadata_from_reader(reader: Any) -> dict[str, Any]:
-    """The tokenizer metadata of an open `gguf.GGUFReader`, as plain Python values."""
-    meta = {}
-    for key in _KEYS:
-        field = reader.fields.get(key)
-        if field is not None:
-            meta[key] = field.contents()
-    return meta
-
-
-# GGUF value types -> numpy dtypes of the fixed-size ones (little-endian).
-_SCALARS = {
-    0: "<u1",
-    1: "<i1",
-    2: "<u2",
-    3: "<i2",
-    4: "<u4",
-    5: "<i4",
-    6: "<f4",
-    7: "?",
-    10: "<u8",
-    11: "<i8",
-    12: "<f8",
-}
-_STRING, _ARRAY = 8, 9
-_GGUF_MAGIC = b"GGUF"
-
-
-def read_tokenizer_metadata(path: str) -> dict[str, Any]:
-    """Read only the tokenizer keys of a GGUF's metadata, in well under a second.
-
-    A minimal parser of the GGUF header (v2/v3, little-endian); tensors are not touched.
-    """
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse_metadata(buf)
-    except (struct.error, ValueError, IndexError, UnicodeDecodeError) as e:
-        raise CorruptModelError(f"cannot read the GGUF metadata of {path}: {e}") from e
-
-
-def _parse_metadata(buf: mmap.mmap | bytes) -> dict[str, Any]:
-    if buf[:4] != _GGUF_MAGIC:
-        raise CorruptModelError("not a GGUF file (bad magic)")
-    version, _tensor_count, kv_count = struct.unpack_from("<IQQ", buf, 4)
-    if version not in (2, 3):
-        raise UnsupportedModelError(f"GGUF version {version} is not supported (expected 2 or 3)")
-    pos = 24
-    wanted = set(_KEYS)
-    meta: dict[str, Any] = {}
-
-    def span(at: int, size: int) -> int:
-        if at + size > len(buf):
-            raise CorruptModelError("GGUF metadata runs past the end of the file (truncated?)")
-        return at + size
-
-    def string(at: int, keep: bool = True) -> tuple[str | None, int]:
-        (n,) = struct.unpack_from("<Q", buf, at)
-        end = span(at + 8, n)
-        return (bytes(buf[at + 8 : end]).decode("utf-8") if keep else None), end
-
-    def value(kind: int, at: int, keep: bool) -> tuple[Any, int]:
-        if kind == _STRING:
-            return string(at, keep)
-        if kind == _ARRAY:
-            sub, n = struct.unpack_from("<IQ", buf, at)
-            at += 12
-            if sub in _SCALARS:
-                dtype = np.dtype(_SCALARS[sub])
-                end = span(at, n * dtype.itemsize)
-                return (np.frombuffer(buf[at:end], dtype=dtype).tolist() if keep else None), end
-            items = []
-            for _ in range(n):
-                item, at = value(sub, at, keep)
-                items.append(item)
-            return (items if keep else None), at
-        if kind not in _SCALARS:
-            raise CorruptModelError(f"unknown GGUF metadata value type {kind}")
-        dtype = np.dtype(_SCALARS[kind])
-        end = span(at, dtype.itemsize)
-        (item,) = np.frombuffer(buf[at:end], dtype=dtype).tolist()
-        return item, end
-
-    for _ in range(kv_count):
-        key, pos = string(pos)
-        (kind,) = struct.unpack_from("<I", buf, pos)
-        item, pos = value(kind, pos + 4, key in wanted)
-        if key in wanted:
-            meta[key] = item
-    return meta

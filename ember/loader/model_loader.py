@@ -7,13 +7,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import gguf
 import torch
 from tqdm.auto import tqdm
 
 from ember.config import ModelConfig
 from ember.errors import ModelNotFoundError
 from ember.loader import gguf as gguf_loader
+from ember.loader.gguf_file import GGUFFile
 from ember.loader import safetensors as st_loader
 from ember.models.base import CausalLM
 from ember.models.registry import model_class
@@ -21,12 +21,12 @@ from ember.models.registry import model_class
 
 @dataclass
 class ModelSource:
-    """A resolved model: its kind ("gguf" or "hf"), path, config, and (GGUF) the open reader."""
+    """A resolved model: its kind ("gguf" or "hf"), path, config, and (GGUF) the open file."""
 
     kind: str
     path: str
     config: ModelConfig
-    gguf_reader: gguf.GGUFReader | None = None
+    gguf_file: GGUFFile | None = None
 
 
 def resolve_model(path: str) -> ModelSource:
@@ -41,8 +41,8 @@ def resolve_model(path: str) -> ModelSource:
         return ModelSource("hf", path, st_loader.model_config_from_folder(path))
     if not path.endswith(".gguf"):
         raise ModelNotFoundError(f"{path!r} is neither a .gguf file nor a Hugging Face model folder")
-    reader = gguf_loader.open_gguf(path)
-    return ModelSource("gguf", path, gguf_loader.model_config_from_gguf(reader), reader)
+    gguf_file = gguf_loader.open_gguf(path)
+    return ModelSource("gguf", path, gguf_loader.model_config_from_gguf(gguf_file), gguf_file)
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
@@ -57,8 +57,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: str | torch.devi
 
 def _weights(source: ModelSource) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
     if source.kind == "gguf":
-        reader = source.gguf_reader or gguf_loader.open_gguf(source.path)
-        return gguf_loader.iter_gguf_tensors(reader, source.config), len(reader.tensors)
+        gguf_file = source.gguf_file or gguf_loader.open_gguf(source.path)
+        return gguf_loader.iter_gguf_tensors(gguf_file, source.config), len(gguf_file.tensors)
     files = st_loader.safetensors_files(source.path)
     return st_loader.iter_safetensors(files), st_loader.count_tensors(files)
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from ember.errors import CorruptModelError, UnsupportedModelError
-from ember.loader.gguf_tokenizer import build_gguf_tokenizer, read_tokenizer_metadata, tokenizer_metadata_from_reader
+from ember.loader.gguf_file import GGUFFile
+from ember.loader.gguf_tokenizer import build_gguf_tokenizer
 from ember.model_zoo import default_model_path, qwen25_coder_05b_path
 
 transformers = pytest.importorskip("transformers")
@@ -33,7 +34,7 @@ def _hf_tokenizer(path: str):
 def model(request) -> dict:
     """Each real GGUF once per module: its path, our metadata/tokenizer/info and transformers' tokenizer."""
     path = MODELS[request.param]()
-    meta = read_tokenizer_metadata(path)
+    meta = GGUFFile(path).metadata
     start = time.perf_counter()
     tokenizer, info = build_gguf_tokenizer(meta)
     build_seconds = time.perf_counter() - start
@@ -122,24 +123,24 @@ def _write_tiny_gguf(path: Path, model: str = "llama", arch: str = "llama") -> l
     return tokens
 
 
-def test_fast_metadata_reader_matches_gguf_reader(tmp_path: Path) -> None:
+def test_gguf_file_metadata_matches_gguf_reader(tmp_path: Path) -> None:
+    """The tokenizer built from GGUFFile's metadata equals the one built from GGUFReader's values."""
     path = tmp_path / "tiny.gguf"
     _write_tiny_gguf(path)
-    fast = read_tokenizer_metadata(str(path))
-    slow = tokenizer_metadata_from_reader(gguf.GGUFReader(str(path)))
-    assert fast.keys() == slow.keys()
-    for key in fast:
-        assert fast[key] == slow[key], key
-    from_reader, _ = build_gguf_tokenizer(gguf.GGUFReader(str(path)))
-    from_meta, _ = build_gguf_tokenizer(fast)
-    assert from_reader.to_str() == from_meta.to_str()
+    fast = GGUFFile(str(path))
+    reader = gguf.GGUFReader(str(path))
+    slow = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    assert fast.metadata == slow
+    from_reader, _ = build_gguf_tokenizer(slow)
+    from_file, _ = build_gguf_tokenizer(fast)
+    assert from_reader.to_str() == from_file.to_str()
 
 
 def test_llama_sentencepiece_matches_transformers(tmp_path: Path) -> None:
     """A non-Gemma SentencePiece vocabulary gets Llama's shape (Metaspace, merges ranked by score)."""
     path = tmp_path / "tiny.gguf"
     _write_tiny_gguf(path)
-    ours, info = build_gguf_tokenizer(read_tokenizer_metadata(str(path)))
+    ours, info = build_gguf_tokenizer(GGUFFile(str(path)))
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     assert json.loads(ours.to_str()) == json.loads(hf.backend_tokenizer.to_str())
     for text in ["abc hi", " abc", "hi<|user|>ab  c", "zz é 😀", "", "<s>a</s>"]:
@@ -153,7 +154,7 @@ def test_unknown_tokenizer_model_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "rwkv.gguf"
     _write_tiny_gguf(path, model="rwkv")
     with pytest.raises(UnsupportedModelError, match="'rwkv'"):
-        build_gguf_tokenizer(read_tokenizer_metadata(str(path)))
+        build_gguf_tokenizer(GGUFFile(str(path)))
 
 
 def test_broken_files_are_reported(tmp_path: Path) -> None:
@@ -162,10 +163,10 @@ def test_broken_files_are_reported(tmp_path: Path) -> None:
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_bytes(b"PK\x03\x04" + b"\0" * 64)
     with pytest.raises(CorruptModelError):
-        read_tokenizer_metadata(str(not_gguf))
+        GGUFFile(str(not_gguf))
     path = tmp_path / "tiny.gguf"
     _write_tiny_gguf(path)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(CorruptModelError):
-        read_tokenizer_metadata(str(truncated))
+        GGUFFile(str(truncated))

@@ -1,0 +1,213 @@
+"""Paged KV-cache bookkeeping: fixed-size blocks, per-request block tables, reference counts, a free
+queue in LRU order, and automatic prefix caching over a hash chain of full blocks.
+
+No tensors live here; the model runner owns the pools and only sees block ids. One BlockManager serves
+one group of layers. A sliding-window group (`window` set) drops blocks that fell out of every layer's
+window, so a long context costs memory mainly in the full-attention layers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+NULL_BLOCK = 0  # block 0 is never handed out: it stands in for blocks freed out of the window
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None  # set once the block is full and registered in the prefix cache
+    token_ids: tuple[int, ...] = ()  # what the hash covers, checked on every hit (no silent collisions)
+    parent_hash: int | None = None
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, tokens found in the cache
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
+    """Hash chain over the full blocks of `token_ids`: each block's hash covers all tokens before it."""
+    hashes = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash((parent, tuple(token_ids[start : start + block_size])))
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass
+class BlockTable:
+    """One request's blocks in one group; entry i holds positions [i*block_size, (i+1)*block_size)."""
+
+    block_ids: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
+
+
+class BlockManager:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int | None = None
+    ) -> None:
+        if num_blocks < 2:
+            raise ValueError("the KV cache needs at least 2 blocks")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.window = window
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks, least recently used first; cached ones stay findable until handed out again.
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.tables: dict[str, BlockTable] = {}
+        self.stats = PrefixCacheStats()
+
+    # -- capacity ---------------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks) - 1  # without the null block
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks a sequence of `num_tokens` holds at most (a window bounds it for sliding groups)."""
+        blocks = -(-num_tokens // self.block_size)
+        if self.window is not None:
+            blocks = min(blocks, -(-(self.window - 1) // self.block_size) + 1)
+        return blocks
+
+    # -- per request ------------------------------------------------------------------------------
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self.tables[request_id].block_ids
+
+    def cached_prefix(self, hashes: Sequence[int], token_ids: Sequence[int]) -> list[int]:
+        """Block ids of the longest run of leading full blocks found in the cache (not yet claimed)."""
+        if not self.enable_prefix_caching:
+            return []
+        found = []
+        for i, block_hash in enumerate(hashes):
+            block_id = self.cached.get(block_hash)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.token_ids != tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]):
+                break
+            found.append(block_id)
+        return found
+
+    def allocate(self, request_id: str, num_tokens: int, computed: Sequence[int] = (), first_needed: int = 0) -> bool:
+        """Make the request's table cover `num_tokens` positions, claiming `computed` (cache hits) first.
+
+        `first_needed` is the first position any layer of this group still attends to; in a sliding
+        group, blocks wholly before it are released or never allocated. Returns False, changing no
+        block the request needs, when blocks run out.
+        """
+        is_new = request_id not in self.tables
+        table = self.tables.setdefault(request_id, BlockTable())
+        self._drop_out_of_window(table, first_needed)
+        first_block = first_needed // self.block_size if self.window is not None else 0
+        start = len(table.block_ids) + len(computed)
+        total = -(-num_tokens // self.block_size)
+        needed = sum(1 for i in range(start, total) if i >= first_block)
+        claimed_from_free = sum(1 for b in computed if b != NULL_BLOCK and self.blocks[b].ref_count == 0)
+        if needed > self.num_free_blocks - claimed_from_free:
+            if is_new:
+                del self.tables[request_id]
+            return False
+        for block_id in computed:
+            self._claim(block_id)
+            table.block_ids.append(block_id)
+        table.num_cached_blocks = max(table.num_cached_blocks, len(computed))
+        for i in range(start, total):
+            table.block_ids.append(self._take_free() if i >= first_block else NULL_BLOCK)
+        self._drop_out_of_window(table, first_needed)
+        return True
+
+    def cache_full_blocks(self, request_id: str, hashes: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Register the request's newly filled blocks (given the hash chain of its computed tokens)."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.tables[request_id]
+        for i in range(table.num_cached_blocks, min(len(hashes), len(table.block_ids))):
+            block = self.blocks[table.block_ids[i]]
+            if block.block_id == NULL_BLOCK or block.block_hash is not None:
+                continue
+            if hashes[i] in self.cached:
+                continue  # an identical block exists already; keep one copy findable
+            block.block_hash = hashes[i]
+            block.token_ids = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
+            self.cached[hashes[i]] = block.block_id
+        table.num_cached_blocks = max(table.num_cached_blocks, min(len(hashes), len(table.block_ids)))
+
+    def free(self, request_id: str) -> None:
+        """Release a request's blocks. Tail blocks go to the free queue first so they are evicted before
+        the prefix blocks other requests are more likely to share."""
+        table = self.tables.pop(request_id, None)
+        if table is None:
+            return
+        for block_id in reversed(table.block_ids):
+            self._release(block_id)
+
+    def fork(self, parent_id: str, child_id: str, num_tokens: int) -> tuple[int, int] | None:
+        """Share the parent's blocks with a child. A partly filled last block is copied (copy-on-write):
+        returns (source, destination) for the runner to copy, or None. Raises if no block is free."""
+        parent = self.tables[parent_id]
+        child = BlockTable(list(parent.block_ids), parent.num_cached_blocks)
+        copy = None
+        if num_tokens % self.block_size and child.block_ids:
+            if not self.free_queue:
+                raise MemoryError("no free KV block to fork into")
+            source = child.block_ids[-1]
+            child.block_ids[-1] = self._take_free()
+            copy = (source, child.block_ids[-1])
+        for block_id in child.block_ids:
+            if copy is None or block_id != copy[1]:
+                self._claim(block_id)
+        self.tables[child_id] = child
+        return copy
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _claim(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block_id == NULL_BLOCK:
+            return
+        if block.ref_count == 0:
+            del self.free_queue[block_id]
+        block.ref_count += 1
+
+    def _release(self, block_id: int) -> None:
+        if block_id == NULL_BLOCK:
+            return
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} released twice"
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
+
+    def _take_free(self) -> int:
+        block_id, _ = self.free_queue.popitem(last=False)  # least recently used
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict it from the prefix cache
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            block.block_hash, block.token_ids = None, ()
+        block.ref_count = 1
+        return block_id
+
+    def _drop_out_of_window(self, table: BlockTable, first_needed: int) -> None:
+        if self.window is None:
+            return
+        for i in range(min(first_needed // self.block_size, len(table.block_ids))):
+            if table.block_ids[i] != NULL_BLOCK:
+                self._release(table.block_ids[i])
+                table.block_ids[i] = NULL_BLOCK
