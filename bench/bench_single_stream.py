@@ -11,9 +11,9 @@ cores, and so that environment variables are set before torch is imported):
 Every measurement is one warm-up and then the best of `--repeats`. All engines get the same prompt
 token ids (from ember's tokenizer, BOS first) and the same environment (OMP_WAIT_POLICY=ACTIVE).
 
-    python bench/bench_single_stream.py                       # all engines, prints two markdown tables
+    python bench/bench_single_stream.py                       # all engines, one markdown table
     python bench/bench_single_stream.py --engines ember-bf16,llama.cpp --repeats 5 --out results.json
-    python bench/bench_single_stream.py --profile              # where ember bf16 decode time goes
+    python bench/bench_single_stream.py --profile              # second table: where ember bf16 decode time goes
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Runner(Protocol):
 @dataclass
 class Result:
     engine: str
-    decode_tok_s: float
+    decode_tok_s: float | None  # None when t_N <= t_1 (only under heavy noise)
     ttft_ms: float
     prefill_tok_s: float
     decode_tokens: int
@@ -194,7 +194,7 @@ def measure(engine: str, runner: Runner, prompt: list[int], prefill: list[int], 
     prefill_s = best_time(lambda: generate_checked(runner, prefill, 1), repeats)
     return Result(
         engine=engine,
-        decode_tok_s=(n - 1) / (full - ttft) if n > 1 and full > ttft else float("nan"),
+        decode_tok_s=(n - 1) / (full - ttft) if full > ttft else None,
         ttft_ms=ttft * 1e3,
         prefill_tok_s=len(prefill) / prefill_s,
         decode_tokens=n,
@@ -238,7 +238,8 @@ def profile_child(prompts_file: str) -> None:
     llm = LLM(dtype="bfloat16")
     engine = llm.engine
     warmup = 8
-    engine.add_request("profile", prompt, SamplingParams(temperature=0, max_tokens=2 * PROFILE_STEPS + warmup + 2, ignore_eos=True))
+    params = SamplingParams(temperature=0, max_tokens=2 * PROFILE_STEPS + warmup + 2, ignore_eos=True)
+    engine.add_request("profile", prompt, params)
     for _ in range(1 + warmup):  # prefill, then a few decode steps
         engine.step()
     start = time.perf_counter()
@@ -361,11 +362,16 @@ def machine_info() -> dict[str, Any]:
         "llama-cpp-python": package_version("llama_cpp_python"),
         "ember": package_version("ember"),
         "OMP_WAIT_POLICY": child_env()["OMP_WAIT_POLICY"],
+        "load_avg_1min": round(os.getloadavg()[0], 2),
     }
 
 
-def ratio(value: float, base: float | None) -> str:
-    return f"{value / base:.2f}x" if base else "-"
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value is not None and base else "-"
 
 
 def results_table(results: Sequence[dict[str, Any]]) -> str:
@@ -379,7 +385,7 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r['engine']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} | {r['prefill_tok_s']:.1f} "
+            f"| {r['engine']} | {fmt(r['decode_tok_s'])} | {r['ttft_ms']:.1f} | {r['prefill_tok_s']:.1f} "
             f"| {ratio(r['decode_tok_s'], base and base['decode_tok_s'])} "
             f"| {ratio(r['prefill_tok_s'], base and base['prefill_tok_s'])} |"
         )
@@ -422,6 +428,8 @@ def profile_table(p: dict[str, Any]) -> str:
 
 def print_machine(info: dict[str, Any]) -> None:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    if info["load_avg_1min"] > 0.5:
+        print("warning: the machine is not idle; other processes skew the numbers (torch engines most)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -202,6 +202,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     """Most tokens (prompt chunks) computed in one step."""
     kv_cache_memory: float = 4.0
-    """GiB reserved for the KV cache (committed only as it fills)."""
+    """GiB reserved for the KV cache (committed only as blocks are first used)."""
+    kv_cache_tokens: int | None = None
+    """Size the full-attention KV pool by tokens instead of by memory (e.g. a deliberately small pool)."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of a prompt prefix computed before."""
     seed: int = 0
     """Seed for requests that set none."""

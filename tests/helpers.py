@@ -6,26 +6,42 @@ import torch
 
 from ember.models.base import CausalLM
 from ember.worker.batch import ForwardBatch
-from ember.worker.kv_cache import ContiguousKVCache
+from ember.worker.kv_cache import KVGroupSpec, PagedKVCache
+
+BLOCK_SIZE = 16
 
 
 def batch_logits(model: CausalLM, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """One flattened forward over all prompts (each in its own KV slot); logits at every position."""
+    """One flattened forward over all prompts (own blocks each, one layer group); logits at every position."""
     cfg = model.config
     dtype = model.model.embed_tokens.weight.dtype
-    max_len = max(len(p) for p in prompts)
-    kv = ContiguousKVCache(cfg.num_hidden_layers, len(prompts), max_len, cfg.num_key_value_heads, cfg.head_dim, dtype, "cpu")
+    blocks_per_prompt = [-(-len(p) // BLOCK_SIZE) for p in prompts]
+    group = KVGroupSpec("all", None, tuple(range(cfg.num_hidden_layers)), sum(blocks_per_prompt) + 1)
+    kv = PagedKVCache([group], BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim, dtype, "cpu")
+    tables, next_block = [], 1
+    for count in blocks_per_prompt:
+        tables.append(list(range(next_block, next_block + count)))
+        next_block += count
     ids = [t for p in prompts for t in p]
-    positions = [i for p in prompts for i in range(len(p))]
     batch = ForwardBatch(
         input_ids=torch.tensor(ids),
-        positions=torch.tensor(positions),
-        slots=list(range(len(prompts))),
+        positions=torch.tensor([i for p in prompts for i in range(len(p))]),
         start_positions=[0] * len(prompts),
         query_lens=[len(p) for p in prompts],
+        block_tables=[tables],
         logits_indices=torch.arange(len(ids)),
         kv_cache=kv,
     )
     with torch.inference_mode():
         logits = model.compute_logits(model(batch.input_ids, batch.positions, batch))
     return list(logits.split([len(p) for p in prompts]))
+
+
+def assert_no_leak(engine) -> None:  # noqa: ANN001 - an LLMEngine
+    """Every KV block is back in the pool and no request is left anywhere."""
+    assert not engine.has_unfinished_requests()
+    assert not engine._requests  # noqa: SLF001
+    for manager in engine.kv_manager.managers:
+        assert not manager.tables
+        assert manager.num_free_blocks == manager.num_blocks
+        assert all(block.ref_count == 0 for block in manager.blocks)

@@ -77,57 +77,63 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def blocks_needed(self, num_tokens: int) -> int:
-        """Blocks a sequence of `num_tokens` holds at most (a window bounds it for sliding groups)."""
-        blocks = -(-num_tokens // self.block_size)
-        if self.window is not None:
-            blocks = min(blocks, -(-(self.window - 1) // self.block_size) + 1)
-        return blocks
-
     # -- per request ------------------------------------------------------------------------------
 
     def block_ids(self, request_id: str) -> list[int]:
         return self.tables[request_id].block_ids
 
-    def cached_prefix(self, hashes: Sequence[int], token_ids: Sequence[int]) -> list[int]:
-        """Block ids of the longest run of leading full blocks found in the cache (not yet claimed)."""
+    def lookup(self, hashes: Sequence[int], token_ids: Sequence[int]) -> list[int | None]:
+        """For each full block of the prompt, the id of a cached block with the same content, or None."""
         if not self.enable_prefix_caching:
-            return []
-        found = []
+            return [None] * len(hashes)
+        found: list[int | None] = []
         for i, block_hash in enumerate(hashes):
             block_id = self.cached.get(block_hash)
-            if block_id is None:
-                break
-            block = self.blocks[block_id]
-            if block.token_ids != tuple(token_ids[i * self.block_size : (i + 1) * self.block_size]):
-                break
-            found.append(block_id)
+            tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
+            found.append(block_id if block_id is not None and self.blocks[block_id].token_ids == tokens else None)
         return found
+
+    def cached_prefix(self, hashes: Sequence[int], token_ids: Sequence[int]) -> list[int]:
+        """Block ids of the longest run of leading full blocks found in the cache."""
+        found = self.lookup(hashes, token_ids)
+        length = found.index(None) if None in found else len(found)
+        return [b for b in found[:length] if b is not None]
+
+    def can_allocate(self, request_id: str, num_tokens: int, computed: Sequence[int] = (), first_needed: int = 0) -> bool:
+        return self._blocks_to_take(request_id, num_tokens, computed, first_needed) <= self.num_free_blocks
+
+    def _blocks_to_take(self, request_id: str, num_tokens: int, computed: Sequence[int], first_needed: int) -> int:
+        """Free-queue blocks `allocate` would consume (new blocks plus cache hits that are free now)."""
+        table = self.tables.get(request_id)
+        held = len(table.block_ids) if table else 0
+        first_block = first_needed // self.block_size if self.window is not None else 0
+        start = held + len(computed)
+        new = sum(1 for i in range(start, -(-num_tokens // self.block_size)) if i >= first_block)
+        reused = sum(1 for b in computed if b != NULL_BLOCK and self.blocks[b].ref_count == 0)
+        released = 0
+        if table and self.window is not None:  # blocks this call drops out of the window come back first
+            dropped = table.block_ids[: min(first_block, held)]
+            released = sum(1 for b in dropped if b != NULL_BLOCK and self.blocks[b].ref_count == 1)
+        return new + reused - released
 
     def allocate(self, request_id: str, num_tokens: int, computed: Sequence[int] = (), first_needed: int = 0) -> bool:
         """Make the request's table cover `num_tokens` positions, claiming `computed` (cache hits) first.
 
         `first_needed` is the first position any layer of this group still attends to; in a sliding
-        group, blocks wholly before it are released or never allocated. Returns False, changing no
-        block the request needs, when blocks run out.
+        group, blocks wholly before it are released or never allocated. Returns False, changing
+        nothing, when blocks run out.
         """
-        is_new = request_id not in self.tables
+        if not self.can_allocate(request_id, num_tokens, computed, first_needed):
+            return False
         table = self.tables.setdefault(request_id, BlockTable())
         self._drop_out_of_window(table, first_needed)
         first_block = first_needed // self.block_size if self.window is not None else 0
         start = len(table.block_ids) + len(computed)
-        total = -(-num_tokens // self.block_size)
-        needed = sum(1 for i in range(start, total) if i >= first_block)
-        claimed_from_free = sum(1 for b in computed if b != NULL_BLOCK and self.blocks[b].ref_count == 0)
-        if needed > self.num_free_blocks - claimed_from_free:
-            if is_new:
-                del self.tables[request_id]
-            return False
         for block_id in computed:
             self._claim(block_id)
             table.block_ids.append(block_id)
         table.num_cached_blocks = max(table.num_cached_blocks, len(computed))
-        for i in range(start, total):
+        for i in range(start, -(-num_tokens // self.block_size)):
             table.block_ids.append(self._take_free() if i >= first_block else NULL_BLOCK)
         self._drop_out_of_window(table, first_needed)
         return True
@@ -211,3 +217,115 @@ class BlockManager:
             if table.block_ids[i] != NULL_BLOCK:
                 self._release(table.block_ids[i])
                 table.block_ids[i] = NULL_BLOCK
+
+
+class KVCacheManager:
+    """The block managers of every layer group, driven together for each request.
+
+    Groups share the hash chain (it depends only on tokens), so a prefix hit is the longest prefix that
+    every full-attention group has cached and whose last window every sliding group still has.
+    """
+
+    def __init__(self, groups: Sequence[tuple[int, int | None]], block_size: int, enable_prefix_caching: bool = True):
+        """groups: (num_blocks, window) per layer group, in the KV cache's group order."""
+        self.block_size = block_size
+        self.managers = [BlockManager(n, block_size, enable_prefix_caching, window) for n, window in groups]
+        self.stats = PrefixCacheStats()
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Most tokens one sequence can hold (full-attention groups limit it; sliding ones only bound a window)."""
+        full = [m.num_blocks for m in self.managers if m.window is None]
+        return (min(full) if full else max(m.num_blocks for m in self.managers)) * self.block_size
+
+    @property
+    def usage(self) -> float:
+        return max(m.usage for m in self.managers)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(m.num_free_blocks for m in self.managers)
+
+    @property
+    def num_total_blocks(self) -> int:
+        return sum(m.num_blocks for m in self.managers)
+
+    def can_ever_fit(self, num_tokens: int, chunk: int) -> bool:
+        """Whether an otherwise empty cache could hold a sequence of `num_tokens` computed in `chunk`s."""
+        for m in self.managers:
+            if m.window is None:
+                blocks = -(-num_tokens // self.block_size)
+            else:  # a chunk's queries see `window - 1` older keys; +1 block as they straddle boundaries
+                blocks = -(-min(num_tokens, m.window - 1 + chunk) // self.block_size) + 1
+            if blocks > m.num_blocks:
+                return False
+        return True
+
+    def block_tables(self, request_id: str) -> list[list[int]]:
+        return [m.block_ids(request_id) for m in self.managers]
+
+    def computed_blocks(self, hashes: Sequence[int], token_ids: Sequence[int]) -> tuple[list[list[int]], int]:
+        """Cache hits for a new request: block ids per group and the number of tokens they cover.
+
+        A full-attention group needs every block of the prefix; a sliding group only the blocks of the
+        window before the first position to compute. At least one token is always left to compute, so
+        the step has a position to sample from."""
+        usable = hashes[: (len(token_ids) - 1) // self.block_size]
+        found = [m.lookup(usable, token_ids) for m in self.managers]
+        length = len(usable)
+        for m, f in zip(self.managers, found):
+            if m.window is None and None in f:
+                length = min(length, f.index(None))
+        while length > 0 and not all(
+            None not in f[self._first_needed_block(m, length) : length] for m, f in zip(self.managers, found)
+        ):
+            length -= 1
+        self.stats.queries += len(token_ids)
+        self.stats.hits += length * self.block_size
+        computed = []
+        for m, f in zip(self.managers, found):
+            first = self._first_needed_block(m, length)
+            computed.append([NULL_BLOCK] * first + [b for b in f[first:length] if b is not None])
+        return computed, length * self.block_size
+
+    def allocate(
+        self, request_id: str, num_computed: int, num_new: int, computed: Sequence[Sequence[int]] | None = None
+    ) -> bool:
+        """Blocks for positions up to num_computed + num_new in every group, or False with nothing changed."""
+        computed = computed or [()] * len(self.managers)
+        total = num_computed + num_new
+        plans = [
+            (m, c, max(0, num_computed - m.window + 1) if m.window else 0) for m, c in zip(self.managers, computed)
+        ]
+        if any(not m.can_allocate(request_id, total, c, first) for m, c, first in plans):
+            return False
+        for m, c, first in plans:
+            allocated = m.allocate(request_id, total, c, first)
+            assert allocated
+        return True
+
+    def cache_full_blocks(self, request_id: str, hashes: Sequence[int], token_ids: Sequence[int]) -> None:
+        for m in self.managers:
+            m.cache_full_blocks(request_id, hashes, token_ids)
+
+    def free(self, request_id: str) -> None:
+        for m in self.managers:
+            m.free(request_id)
+
+    def fork(self, parent_id: str, child_id: str, num_tokens: int) -> list[tuple[int, int, int]] | None:
+        """Share the parent's blocks with the child; returns the (group, source, destination) copies to
+        make, or None (nothing changed) when there are not enough free blocks for them."""
+        partial = num_tokens % self.block_size != 0
+        if partial and any(m.num_free_blocks < 1 for m in self.managers):
+            return None
+        copies = []
+        for group, m in enumerate(self.managers):
+            copy = m.fork(parent_id, child_id, num_tokens)
+            if copy is not None:
+                copies.append((group, *copy))
+        return copies
+
+    def _first_needed_block(self, manager: BlockManager, length: int) -> int:
+        if manager.window is None:
+            return 0
+        return max(0, length * self.block_size - manager.window + 1) // self.block_size

@@ -11,14 +11,15 @@ import torch
 
 from ember.config import EngineConfig, resolve_dtype
 from ember.engine.request import FinishReason, Request
-from ember.engine.scheduler import Scheduler, ScheduledRequest
+from ember.engine.scheduler import Scheduler
 from ember.errors import InvalidRequestError
 from ember.loader.model_loader import load_model, resolve_model
 from ember.model_zoo import default_model_path
 from ember.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
-from ember.worker.kv_cache import ContiguousKVCache
+from ember.engine.block_manager import KVCacheManager
+from ember.worker.kv_cache import KVGroupSpec, PagedKVCache, bytes_per_block
 from ember.worker.model_runner import ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger("ember")
@@ -46,15 +47,20 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         model = load_model(source, self.dtype, config.device)
         kv_cache = self._allocate_kv_cache()
+        self.kv_manager = KVCacheManager(
+            [(spec.num_blocks, spec.window) for spec in kv_cache.groups], config.block_size, config.enable_prefix_caching
+        )
         self.runner = ModelRunner(model, kv_cache, config.device)
-        self.scheduler = Scheduler(kv_cache.num_slots, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._rng = random.Random(config.seed)
         self._requests: dict[str, list[Request]] = {}  # user request id -> its n sequences
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._emitted: dict[int, int] = {}  # chars of output_text already streamed, by id(request)
+        groups = ", ".join(f"{g.name}: {len(g.layers)} layers x {g.num_blocks} blocks" for g in kv_cache.groups)
         logger.info(
-            "ember: %s (%s, %s) on %s; context %d tokens, %d KV slots",
-            path, self.model_config.architecture, self.dtype, config.device, self.max_model_len, kv_cache.num_slots,
+            "ember: %s (%s, %s) on %s; context %d tokens; KV cache holds %d tokens (%s, block size %d)",
+            path, self.model_config.architecture, self.dtype, config.device, self.max_model_len,
+            self.kv_manager.capacity_tokens, groups, config.block_size,
         )
 
     # -- public API -------------------------------------------------------------------------------
@@ -69,6 +75,12 @@ class LLMEngine:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         limit = self.max_model_len if params.max_tokens is None else len(token_ids) + params.max_tokens
+        limit = min(limit, self.max_model_len)
+        if not self.kv_manager.can_ever_fit(limit, self.config.max_num_batched_tokens):
+            raise InvalidRequestError(
+                f"request needs up to {limit} tokens of KV cache, but the cache holds only "
+                f"{self.kv_manager.capacity_tokens}; lower max_tokens or raise kv_cache_memory"
+            )
         children = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
@@ -77,7 +89,7 @@ class LLMEngine:
                 prompt=text,
                 prompt_token_ids=token_ids,
                 params=params,
-                max_total_len=min(limit, self.max_model_len),
+                max_total_len=limit,
                 generator=torch.Generator().manual_seed(seed),
                 eos_token_ids=self.eos_token_ids,
                 parent_id=request_id,
@@ -90,7 +102,9 @@ class LLMEngine:
         for child in children:
             self._detokenizers[id(child)] = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             self._emitted[id(child)] = 0
-            self.scheduler.add(child)
+        # Siblings fork off the first one once its prompt is computed, sharing its KV blocks.
+        children[0].pending_forks = children[1:]
+        self.scheduler.add(children[0])
 
     def process_prompt(self, prompt: str | Sequence[int]) -> TokenizedPrompt:
         """Tokenize and check a prompt against the vocabulary and the context limit."""
@@ -124,9 +138,17 @@ class LLMEngine:
         if scheduled.is_empty():
             return []
         result = self.runner.execute(scheduled)
+        for item in scheduled.scheduled:
+            request = item.request
+            if request.request_id in result.prompt_logprobs:
+                request.prompt_logprobs = (request.prompt_logprobs or []) + result.prompt_logprobs[request.request_id]
+            request.num_computed_tokens += item.num_new_tokens
+        self.scheduler.after_step(scheduled)
         touched: dict[str, None] = {}
         for item in scheduled.scheduled:
-            self._update(item, result)
+            for child in item.fork_children:  # before the parent may finish and free the shared blocks
+                self._fork(item.request, child, result)
+            self._take_sample(item.request, result)
             touched[item.request.parent_id] = None
         return [self._make_output(parent) for parent in touched]
 
@@ -139,30 +161,47 @@ class LLMEngine:
             raise InvalidRequestError(f"max_model_len {wanted} exceeds the model's context of {model_limit} tokens")
         return wanted
 
-    def _allocate_kv_cache(self) -> ContiguousKVCache:
-        cfg = self.model_config
-        per_token = ContiguousKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
-        budget = int(self.config.kv_cache_memory * (1 << 30))
-        slots = min(self.config.max_num_seqs, budget // (per_token * self.max_model_len))
-        if slots < 1:
-            raise InvalidRequestError(
-                f"kv_cache_memory of {self.config.kv_cache_memory} GiB cannot hold one sequence of "
-                f"{self.max_model_len} tokens ({per_token * self.max_model_len / (1 << 30):.2f} GiB); "
-                "raise it or lower max_model_len"
-            )
-        return ContiguousKVCache(
-            cfg.num_hidden_layers, slots, self.max_model_len, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.config.device
-        )
+    def _allocate_kv_cache(self) -> PagedKVCache:
+        """Split the KV budget: sliding-window layers get just enough blocks for every sequence's window
+        plus one prompt chunk; full-attention layers get the rest."""
+        cfg, config = self.model_config, self.config
+        block_size = config.block_size
+        full = tuple(i for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i))
+        sliding = tuple(i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i))
 
-    def _update(self, item: ScheduledRequest, result: ModelRunnerOutput) -> None:
-        request = item.request
-        if request.is_finished:
-            return
-        if request.request_id in result.prompt_logprobs:
-            request.prompt_logprobs = (request.prompt_logprobs or []) + result.prompt_logprobs[request.request_id]
-        request.num_computed_tokens += item.num_new_tokens
+        def block_bytes(layers: tuple[int, ...]) -> int:
+            return bytes_per_block(block_size, len(layers), cfg.num_key_value_heads, cfg.head_dim, self.dtype)
+
+        budget = int(config.kv_cache_memory * (1 << 30))
+        groups: list[KVGroupSpec] = []
+        if sliding and full:
+            window = cfg.sliding_window or 0
+            per_seq = -(-window // block_size) + 1
+            count = config.max_num_seqs * per_seq + -(-config.max_num_batched_tokens // block_size) + 1
+            groups.append(KVGroupSpec("sliding", window, sliding, count + 1))
+            budget -= (count + 1) * block_bytes(sliding)
+        layers = full or sliding
+        if config.kv_cache_tokens is not None:
+            count = -(-config.kv_cache_tokens // block_size)
+        else:
+            count = budget // block_bytes(layers) - 1
+        if count < 2:
+            raise InvalidRequestError(
+                f"kv_cache_memory of {config.kv_cache_memory} GiB is too small for this model; raise it"
+            )
+        window = None if full else cfg.sliding_window
+        groups.insert(0, KVGroupSpec("full" if full else "sliding", window, layers, count + 1))
+        return PagedKVCache(groups, block_size, cfg.num_key_value_heads, cfg.head_dim, self.dtype, config.device)
+
+    def _fork(self, parent: Request, child: Request, result: ModelRunnerOutput) -> None:
+        if self.scheduler.fork(parent, child):
+            self._take_sample(child, result)
+        else:  # no room to share blocks now: the sibling computes its own prompt later (prefix cache hits)
+            self.scheduler.add(child)
+
+    def _take_sample(self, request: Request, result: ModelRunnerOutput) -> None:
         token = result.sampled_token_ids.get(request.request_id)
-        if token is None:
+        if token is None or request.is_finished:
             return
         self._append_token(request, token, result.logprobs[request.request_id], result.logprob_deltas[request.request_id])
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ember.engine.block_manager import block_hashes
 from ember.outputs import PositionLogprobs
 from ember.sampling_params import SamplingParams
 
@@ -42,7 +43,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)
-    slot: int | None = None  # KV-cache slot while running
+    block_hashes: list[int] = field(default_factory=list)  # hash chain of the full blocks of all_token_ids
+    pending_forks: list[Request] = field(default_factory=list)  # n > 1: siblings that fork off after the prompt
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     output_text: str = ""
@@ -61,6 +63,15 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def update_block_hashes(self, block_size: int) -> list[int]:
+        """Extend the hash chain to every full block of the tokens so far."""
+        full = self.num_tokens // block_size
+        if len(self.block_hashes) < full:
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            start = len(self.block_hashes) * block_size
+            self.block_hashes.extend(block_hashes(self.all_token_ids[start : full * block_size], block_size, parent))
+        return self.block_hashes
 
     @property
     def is_finished(self) -> bool:

@@ -1,4 +1,5 @@
-"""ForwardBatch: the flattened tokens of one step plus what attention needs to find their keys."""
+"""ForwardBatch: the flattened tokens of one step, plus what attention needs to find their keys in the
+paged KV cache."""
 
 from __future__ import annotations
 
@@ -7,53 +8,59 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ember.worker.kv_cache import ContiguousKVCache
+from ember.worker.kv_cache import PagedKVCache
+
+
+@dataclass
+class _Segment:
+    """Sequences attended to in one SDPA call: all decode sequences together (one query each), or a
+    single prefill chunk. Padding stays small: decode rows are never padded to a chunk's length."""
+
+    seqs: list[int]
+    rows: torch.Tensor | None  # token rows of these sequences in the flat batch (None: all, in order)
+    query_len: int
+
+
+@dataclass
+class _KeyLayout:
+    """Where one segment's keys are in one layer group, shared by every layer of the group."""
+
+    block_table: torch.Tensor  # [B, nb]
+    consecutive_first: int | None  # first block id when a single sequence's blocks are consecutive
+    num_keys: int  # key positions read (a single sequence's keys are cut at its end)
+    mask: torch.Tensor | None  # [B, 1, L, num_keys]
 
 
 @dataclass
 class ForwardBatch:
-    """One model step over several sequences, tokens flattened (no padding in the projections/MLP).
+    """One model step over several sequences, tokens flattened (no padding in projections or MLP).
 
-    Sequence b contributes `query_lens[b]` tokens at positions `start_positions[b]`.. and attends to
-    every cached position of its slot up to its last new token.
+    Sequence b contributes `query_lens[b]` tokens at positions `start_positions[b]`..; `block_tables[g][b]`
+    lists its KV blocks in layer group g (0 for blocks outside a sliding window).
     """
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    slots: list[int]  # [B] KV-cache slot of each sequence
     start_positions: list[int]  # [B] tokens already in the cache before this step
     query_lens: list[int]  # [B] new tokens this step
+    block_tables: list[list[list[int]]]  # [group][B][blocks]
     logits_indices: torch.Tensor  # rows of the hidden states whose logits are needed
-    kv_cache: ContiguousKVCache
-    _token_slots: torch.Tensor = field(init=False)
-    _slots_tensor: torch.Tensor = field(init=False)
-    _slot_range: tuple[int, int] | None = field(init=False)
-    _pad_index: torch.Tensor | None = field(init=False)
-    _masks: dict[int | None, tuple[int, torch.Tensor | None]] = field(init=False, default_factory=dict)
+    kv_cache: PagedKVCache
+    _slot_mappings: list[torch.Tensor] = field(init=False)
+    _segments: list[_Segment] = field(init=False)
+    _layouts: dict[tuple[int, int, int | None], _KeyLayout] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.kv_cache.prepare_slots(self.slots)
-        device = self.input_ids.device
-        self._slots_tensor = torch.tensor(self.slots, dtype=torch.long, device=device)
-        self._token_slots = torch.repeat_interleave(
-            self._slots_tensor, torch.tensor(self.query_lens, device=device), output_size=len(self.input_ids)
-        )
-        first = self.slots[0]
-        consecutive = self.slots == list(range(first, first + len(self.slots)))
-        self._slot_range = (first, len(self.slots)) if consecutive else None
-        self._pad_index = None
-        if len(set(self.query_lens)) > 1:
-            max_len = max(self.query_lens)
-            rows = [b * max_len + j for b, n in enumerate(self.query_lens) for j in range(n)]
-            self._pad_index = torch.tensor(rows, dtype=torch.long, device=device)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.slots)
-
-    @property
-    def max_query_len(self) -> int:
-        return max(self.query_lens)
+        block_size = self.kv_cache.block_size
+        positions = self.positions.tolist()
+        owners = [b for b, n in enumerate(self.query_lens) for _ in range(n)]
+        self._slot_mappings = []
+        for group, tables in enumerate(self.block_tables):
+            used = torch.tensor([0] + [i for table in tables for i in table], dtype=torch.long)  # 0: padding
+            self.kv_cache.initialize_blocks(group, used.to(self.input_ids.device))
+            slots = [tables[b][p // block_size] * block_size + p % block_size for b, p in zip(owners, positions)]
+            self._slot_mappings.append(torch.tensor(slots, dtype=torch.long, device=self.input_ids.device))
+        self._segments = self._make_segments()
 
     @property
     def end_positions(self) -> list[int]:
@@ -70,56 +77,93 @@ class ForwardBatch:
         softcap: float | None,
     ) -> torch.Tensor:
         """Store this step's k/v in the cache, then attend. q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]."""
-        self.kv_cache.write(layer, self._token_slots, self.positions, k, v)
-        key_start, mask = self._mask(sliding_window)
-        keys, values = self.kv_cache.read(layer, self._slots_tensor, self._slot_range, key_start, max(self.end_positions))
-        query = self._pad(q).transpose(1, 2)  # [B, H, L, D]
+        group = self.kv_cache.group_of_layer[layer]
+        self.kv_cache.write(layer, self._slot_mappings[group], k, v)
+        if len(self._segments) == 1:
+            return self._attend(0, group, layer, q, scale, sliding_window, softcap)
+        out = torch.empty_like(q)
+        for index, segment in enumerate(self._segments):
+            out[segment.rows] = self._attend(index, group, layer, q[segment.rows], scale, sliding_window, softcap)
+        return out
+
+    def _attend(
+        self, index: int, group: int, layer: int, q: torch.Tensor, scale: float, window: int | None, softcap: float | None
+    ) -> torch.Tensor:
+        segment = self._segments[index]
+        layout = self._layout(index, group, window)
+        if layout.consecutive_first is not None:
+            keys, values = self.kv_cache.slice(layer, layout.consecutive_first, layout.block_table.shape[1])
+        else:
+            keys, values = self.kv_cache.gather(layer, layout.block_table)
+        keys, values = keys[:, : layout.num_keys], values[:, : layout.num_keys]
+        batch = len(segment.seqs)
+        query = q.view(batch, segment.query_len, *q.shape[1:]).transpose(1, 2)  # [B, H, L, D]
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, K, D]
         if softcap:
-            out = _softcapped_attention(query, keys, values, mask, scale, softcap)
+            out = _softcapped_attention(query, keys, values, layout.mask, scale, softcap)
         else:
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-        return self._unpad(out.transpose(1, 2))
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=layout.mask, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(q.shape)
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, H, D] -> [B, L, H, D]; a view when every sequence has the same query length."""
-        batch, length = self.num_seqs, self.max_query_len
-        if self._pad_index is None:
-            return x.view(batch, length, *x.shape[1:])
-        padded = x.new_zeros(batch * length, *x.shape[1:])
-        padded[self._pad_index] = x
-        return padded.view(batch, length, *x.shape[1:])
-
-    def _unpad(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, *x.shape[2:])
-        return flat if self._pad_index is None else flat[self._pad_index]
-
-    def _mask(self, window: int | None) -> tuple[int, torch.Tensor | None]:
-        """(first key position read, boolean mask [B, 1, L, K] or None), shared by all layers of a kind."""
-        if window not in self._masks:
-            self._masks[window] = self._build_mask(window)
-        return self._masks[window]
-
-    def _build_mask(self, window: int | None) -> tuple[int, torch.Tensor | None]:
-        ends = self.end_positions
-        # Keys older than every query's window are not read at all.
-        key_start = max(0, min(self.start_positions) - window + 1) if window else 0
-        single_decode = self.num_seqs == 1 and self.max_query_len == 1
-        if single_decode:
-            return key_start, None  # one query sees exactly the keys read
+    def _make_segments(self) -> list[_Segment]:
         device = self.input_ids.device
-        length = self.max_query_len
-        offsets = torch.arange(length, device=device)
-        starts = torch.tensor(self.start_positions, device=device)
-        lens = torch.tensor(self.query_lens, device=device)
-        # Padded query rows get position `start` so they always see one valid key (no NaN rows).
-        q_pos = starts[:, None] + torch.where(offsets[None, :] < lens[:, None], offsets[None, :], 0)
-        k_pos = torch.arange(key_start, max(ends), device=device)
-        ends_t = torch.tensor(ends, device=device)
-        mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ends_t[:, None, None])
-        if window:
-            mask &= q_pos[:, :, None] - k_pos[None, None, :] < window
-        return key_start, mask.unsqueeze(1)
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        decode = [b for b, n in enumerate(self.query_lens) if n == 1]
+        prefill = [b for b, n in enumerate(self.query_lens) if n > 1]
+        segments = []
+        if decode:
+            rows = torch.tensor([starts[b] for b in decode], dtype=torch.long, device=device)
+            segments.append(_Segment(decode, rows, 1))
+        for b in prefill:
+            rows = torch.arange(starts[b], starts[b + 1], device=device)
+            segments.append(_Segment([b], rows, self.query_lens[b]))
+        if len(segments) == 1:
+            segments[0].rows = None
+        return segments
+
+    def _layout(self, index: int, group: int, window: int | None) -> _KeyLayout:
+        key = (index, group, window)
+        if key not in self._layouts:
+            self._layouts[key] = self._build_layout(self._segments[index], group, window)
+        return self._layouts[key]
+
+    def _build_layout(self, segment: _Segment, group: int, window: int | None) -> _KeyLayout:
+        block_size = self.kv_cache.block_size
+        device = self.input_ids.device
+        starts = [self.start_positions[b] for b in segment.seqs]
+        ends = [self.end_positions[b] for b in segment.seqs]
+        # Blocks older than every query's window are not read at all.
+        first_block = max(0, min(starts) - window + 1) // block_size if window else 0
+        last_block = -(-max(ends) // block_size)
+        rows = []
+        for b in segment.seqs:
+            table = self.block_tables[group][b][first_block:last_block]
+            rows.append(table + [0] * (last_block - first_block - len(table)))
+        block_table = torch.tensor(rows, dtype=torch.long, device=device)
+        consecutive = None
+        if len(rows) == 1 and rows[0] == list(range(rows[0][0], rows[0][0] + len(rows[0]))):
+            consecutive = rows[0][0]
+        key_start = first_block * block_size
+        key_end = ends[0] if len(ends) == 1 else last_block * block_size
+        mask = _mask(starts, ends, segment.query_len, key_start, key_end, window, device)
+        return _KeyLayout(block_table, consecutive, key_end - key_start, mask)
+
+
+def _mask(
+    starts: list[int], ends: list[int], length: int, key_start: int, key_end: int, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean [B, 1, L, K]: causal, within the sequence, within the window. None when every key is visible."""
+    if len(starts) == 1 and length == 1 and key_end == ends[0] and (not window or ends[0] - key_start <= window):
+        return None
+    q_pos = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)[None, :]
+    k_pos = torch.arange(key_start, key_end, device=device)
+    ends_t = torch.tensor(ends, device=device)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ends_t[:, None, None])
+    if window:
+        mask &= q_pos[:, :, None] - k_pos[None, None, :] < window
+    return mask.unsqueeze(1)
 
 
 def _softcapped_attention(

@@ -1,61 +1,88 @@
-"""Contiguous KV cache: each running sequence owns a slot of `max_len` positions in every layer.
+"""Paged KV cache: per layer a pool of fixed-size blocks, [num_blocks, block_size, kv_heads, head_dim].
 
-Simple and copy-free for batch-1 decode (a slot is a view); the paged cache of the engine-core issue
-replaces this class without touching the models (they only call `ForwardBatch.attention`).
+Layers are grouped by attention kind. A sliding-window group holds only the blocks still inside the
+window (the block manager frees the rest), so it gets its own, smaller pool.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-class ContiguousKVCache:
+@dataclass(frozen=True)
+class KVGroupSpec:
+    """Layers sharing one block pool and one block table per request."""
+
+    name: str
+    window: int | None  # sliding window of these layers, None for full attention
+    layers: tuple[int, ...]
+    num_blocks: int
+
+
+def bytes_per_block(block_size: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * block_size * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class PagedKVCache:
     def __init__(
         self,
-        num_layers: int,
-        num_slots: int,
-        max_len: int,
+        groups: list[KVGroupSpec],
+        block_size: int,
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        self.num_slots = num_slots
-        self.max_len = max_len
-        shape = (num_slots, max_len, num_kv_heads, head_dim)
-        # torch.empty leaves pages untouched, so memory is committed only as positions are written.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._zeroed_slots: set[int] = set()
+        self.groups = groups
+        self.block_size = block_size
+        self.group_of_layer = {layer: g for g, spec in enumerate(groups) for layer in spec.layers}
+        num_layers = len(self.group_of_layer)
+        self.keys: list[torch.Tensor] = [torch.empty(0)] * num_layers
+        self.values: list[torch.Tensor] = [torch.empty(0)] * num_layers
+        for spec in groups:
+            shape = (spec.num_blocks, block_size, num_kv_heads, head_dim)
+            for layer in spec.layers:
+                # torch.empty commits no memory up front; blocks are zeroed on first use instead.
+                self.keys[layer] = torch.empty(shape, dtype=dtype, device=device)
+                self.values[layer] = torch.empty(shape, dtype=dtype, device=device)
+        self._initialized = [torch.zeros(spec.num_blocks, dtype=torch.bool, device=device) for spec in groups]
 
-    def prepare_slots(self, slots: list[int]) -> None:
-        """Zero each slot before its first use. Attention reads a batch's slots up to the longest
-        sequence and masks the rest, but a masked key's value still gets multiplied by weight 0, and
-        never-written memory may hold NaN bit patterns (0 * NaN = NaN). Stale finite values are harmless."""
-        for slot in slots:
-            if slot not in self._zeroed_slots:
-                for cache in (*self.keys, *self.values):
-                    cache[slot].zero_()
-                self._zeroed_slots.add(slot)
+    def initialize_blocks(self, group: int, block_ids: torch.Tensor) -> None:
+        """Zero blocks never used before. Attention masks positions past a sequence's end, but a masked
+        key's value is still multiplied by weight 0, and never-written memory may hold NaN bit patterns."""
+        if block_ids.numel() == 0:
+            return
+        fresh = block_ids[~self._initialized[group][block_ids]].unique()
+        if fresh.numel() == 0:
+            return
+        for layer in self.groups[group].layers:
+            self.keys[layer][fresh] = 0
+            self.values[layer][fresh] = 0
+        self._initialized[group][fresh] = True
 
-    @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """slot_mapping: [T] flat positions (block * block_size + offset); k, v: [T, Hkv, D]."""
+        self.keys[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        self.values[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots, positions: [T]; k, v: [T, Hkv, D]."""
-        self.keys[layer].index_put_((slots, positions), k)
-        self.values[layer].index_put_((slots, positions), v)
+    def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_table: [B, nb] -> keys, values [B, nb * block_size, Hkv, D] in position order (a copy)."""
+        k, v = self.keys[layer][block_table], self.values[layer][block_table]
+        batch = block_table.shape[0]
+        return k.view(batch, -1, *k.shape[3:]), v.view(batch, -1, *v.shape[3:])
 
-    def read(
-        self, layer: int, slots: torch.Tensor, slot_range: tuple[int, int] | None, start: int, end: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of positions [start, end) for the batch's slots: [B, end-start, Hkv, D].
+    def slice(self, layer: int, first_block: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of consecutive blocks as a view [1, num_blocks * block_size, Hkv, D] (no copy)."""
+        k = self.keys[layer][first_block : first_block + num_blocks]
+        v = self.values[layer][first_block : first_block + num_blocks]
+        return k.reshape(1, -1, *k.shape[2:]), v.reshape(1, -1, *v.shape[2:])
 
-        `slot_range` is set when the slots are consecutive, so the read is a view instead of a gather.
-        """
-        k, v = self.keys[layer], self.values[layer]
-        if slot_range is not None:
-            first, count = slot_range
-            return k[first : first + count, start:end], v[first : first + count, start:end]
-        return k[slots, start:end], v[slots, start:end]
+    def copy_block(self, group: int, source: int, destination: int) -> None:
+        """Copy-on-write for a forked sequence's partly filled block, in every layer of the group."""
+        for layer in self.groups[group].layers:
+            self.keys[layer][destination] = self.keys[layer][source]
+            self.values[layer][destination] = self.values[layer][source]
+        self._initialized[group][destination] = True
+

@@ -11,7 +11,7 @@ from ember.engine.scheduler import SchedulerOutput
 from ember.models.base import CausalLM
 from ember.outputs import PositionLogprobs
 from ember.worker.batch import ForwardBatch
-from ember.worker.kv_cache import ContiguousKVCache
+from ember.worker.kv_cache import PagedKVCache
 from ember.worker.sampler import Sampler, SamplingRow, collect_logprobs
 
 
@@ -26,7 +26,7 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: ContiguousKVCache, device: torch.device | str) -> None:
+    def __init__(self, model: CausalLM, kv_cache: PagedKVCache, device: torch.device | str) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = torch.device(device)
@@ -34,13 +34,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
-        batch, sampling = self._prepare(scheduled)
+        for group, source, destination in scheduled.block_copies:
+            self.kv_cache.copy_block(group, source, destination)
+        batch, sampling, logits_rows = self._prepare(scheduled)
         hidden = self.model(batch.input_ids, batch.positions, batch)
         output = ModelRunnerOutput()
         self._prompt_logprobs(scheduled, hidden, output)
         if not sampling:
             return output
         logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if len(logits_rows) > logits.shape[0]:  # n > 1 siblings share their parent's logits row
+            logits = logits[torch.tensor(logits_rows, device=logits.device)]
         rows = [_sampling_row(r) for r in sampling]
         sampled = self.sampler(logits, rows)
         for i, request in enumerate(sampling):
@@ -49,28 +53,32 @@ class ModelRunner:
             output.logprob_deltas[request.request_id] = sampled.cumulative_logprob_deltas[i]
         return output
 
-    def _prepare(self, scheduled: SchedulerOutput) -> tuple[ForwardBatch, list[Request]]:
+    def _prepare(self, scheduled: SchedulerOutput) -> tuple[ForwardBatch, list[Request], list[int]]:
+        """Flatten the step's tokens; list the requests that sample and, for each, its logits row."""
         input_ids: list[int] = []
         positions: list[int] = []
-        logits_rows: list[int] = []
+        hidden_rows: list[int] = []
         sampling: list[Request] = []
+        logits_rows: list[int] = []
         for item in scheduled.scheduled:
             request, start = item.request, item.request.num_computed_tokens
             input_ids.extend(request.all_token_ids[start : start + item.num_new_tokens])
             positions.extend(range(start, start + item.num_new_tokens))
             if item.samples:
-                logits_rows.append(len(input_ids) - 1)
-                sampling.append(request)
+                hidden_rows.append(len(input_ids) - 1)
+                for sampler in [request, *item.fork_children]:
+                    sampling.append(sampler)
+                    logits_rows.append(len(hidden_rows) - 1)
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
-            slots=[s.request.slot for s in scheduled.scheduled],
             start_positions=[s.request.num_computed_tokens for s in scheduled.scheduled],
             query_lens=[s.num_new_tokens for s in scheduled.scheduled],
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            block_tables=[[s.block_tables[g] for s in scheduled.scheduled] for g in range(len(self.kv_cache.groups))],
+            logits_indices=torch.tensor(hidden_rows, dtype=torch.long, device=self.device),
             kv_cache=self.kv_cache,
         )
-        return batch, sampling
+        return batch, sampling, logits_rows
 
     def _prompt_logprobs(self, scheduled: SchedulerOutput, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
         """Log-probabilities of each prompt token given the ones before it (the first has none)."""

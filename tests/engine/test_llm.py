@@ -9,6 +9,7 @@ import torch
 
 from ember import LLM, SamplingParams
 from ember.errors import InvalidRequestError
+from helpers import assert_no_leak
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -128,14 +129,13 @@ def test_chat(llm):
     assert out.prompt_token_ids == expected
 
 
-def test_abort_frees_slot(llm):
+def test_abort_frees_blocks(llm):
     engine = llm.engine
-    free_before = len(engine.scheduler.free_slots)
     engine.add_request("a", "Hello", SamplingParams(max_tokens=50))
     engine.step()
-    assert len(engine.scheduler.free_slots) == free_before - 1
+    assert engine.kv_manager.num_free_blocks < engine.kv_manager.num_total_blocks
     engine.abort_request("a")
-    assert len(engine.scheduler.free_slots) == free_before and not engine.has_unfinished_requests()
+    assert_no_leak(engine)
 
 
 @pytest.mark.parametrize(
