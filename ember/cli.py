@@ -1,5 +1,6 @@
-"""`ember generate` and `ember chat`. Flags come from the fields (and field docstrings) of
-`EngineConfig` and `SamplingParams`, so the help text always matches the code."""
+"""`ember generate`, `ember chat` and `ember bench` (in ember.benchmark). Flags of generate and chat come
+from the fields (and field docstrings) of `EngineConfig` and `SamplingParams`, so the help text always
+matches the code."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import textwrap
 from typing import Any
 
+from ember.benchmark import add_bench_parser, run_bench
 from ember.config import EngineConfig
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_dataclass_flags(sub, EngineConfig, _ENGINE_FLAGS, {})
         _add_dataclass_flags(sub, SamplingParams, _SAMPLING_FLAGS, {"max_tokens": max_tokens})
         sub.add_argument("--verbose", action="store_true", help="log engine details to stderr")
+    add_bench_parser(commands)
     return parser
 
 
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             _run_generate(args)
+        elif args.command == "bench":
+            run_bench(args)
         else:
             _run_chat(args)
     except EmberError as e:

@@ -7,11 +7,11 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ember.config import ModelConfig
 from ember.errors import CorruptModelError
+from ember.kernels import linear
 from ember.models.layers.linear import Linear
 from ember.models.layers.norm import RMSNorm
 from ember.models.layers.rotary import RotaryEmbedding
@@ -56,8 +56,8 @@ class CausalLM(nn.Module):
         hidden = self.model.embed_tokens(input_ids)
         if self.embed_scale is not None:
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        cos, sin = self.rotary(positions)
-        local = self.rotary_local(positions) if self.rotary_local is not None else (cos, sin)
+        cos, sin = self.rotary(positions, hidden.dtype)
+        local = self.rotary_local(positions, hidden.dtype) if self.rotary_local is not None else (cos, sin)
         for i, layer in enumerate(self.model.layers):
             layer_cos, layer_sin = local if self.config.is_sliding(i) else (cos, sin)
             hidden = layer(hidden, layer_cos, layer_sin, batch)
@@ -66,7 +66,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight).float()
+        logits = linear(hidden, weight, out_dtype=torch.float32)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

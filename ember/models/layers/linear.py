@@ -8,10 +8,10 @@ shard is copied into its row range at load time.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ember.errors import CorruptModelError
+from ember.kernels import linear
 
 
 class Linear(nn.Module):
@@ -27,7 +27,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         """Copy one checkpoint tensor (`weight` or `bias`) into its rows of the stacked parameter."""
