@@ -81,7 +81,8 @@ class EmberRunner:
         from ember import LLM, SamplingParams  # before torch: ember sets OMP_WAIT_POLICY at import
 
         self._params = SamplingParams
-        self.llm = LLM(dtype=dtype)
+        # Prefix caching off: repeats of the same prompt would otherwise skip the prefill being measured.
+        self.llm = LLM(dtype=dtype, enable_prefix_caching=False)
 
     def generate(self, prompt: list[int], n: int) -> list[int]:
         params = self._params(temperature=0, max_tokens=n, ignore_eos=True)

@@ -364,7 +364,10 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
     )
     warm_up(llm, vocab, args.seed)
     result = run_throughput(llm, requests)
-    return {"benchmark": "throughput", "settings": settings(args, engine), "results": asdict(result)}
+    lengths = {"input_len": args.input_len, "output_len": args.output_len}
+    if args.dataset == "random":
+        lengths = {"input_len": args.input_len or DEFAULT_INPUT_LEN, "output_len": args.output_len or DEFAULT_OUTPUT_LEN}
+    return {"benchmark": "throughput", "settings": settings(args, engine) | lengths, "results": asdict(result)}
 
 
 def bench_latency(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ember.config import EngineConfig, resolve_dtype
+from ember.engine.block_manager import KVCacheManager
 from ember.engine.request import FinishReason, Request
 from ember.engine.scheduler import Scheduler
 from ember.errors import InvalidRequestError
@@ -18,7 +19,6 @@ from ember.model_zoo import default_model_path
 from ember.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
-from ember.engine.block_manager import KVCacheManager
 from ember.worker.kv_cache import KVGroupSpec, PagedKVCache, bytes_per_block
 from ember.worker.model_runner import ModelRunner, ModelRunnerOutput
 
@@ -215,8 +215,11 @@ class LLMEngine:
         new_text = self._detokenizers[id(request)].add(token)
         request.output_text += new_text
         reason = self._stop_check(request, token, len(new_text))
-        if reason is not None:
-            self.scheduler.finish(request, reason)
+        if reason is None:
+            return
+        if not isinstance(request.stop_reason, str):  # text cut at a stop string needs nothing more
+            request.output_text += self._detokenizers[id(request)].flush()
+        self.scheduler.finish(request, reason)
 
     def _stop_check(self, request: Request, token: int, new_chars: int) -> FinishReason | None:
         params = request.params

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.engine.request import Request
+from ember.kernels.gemv import gemv_module
 from ember.engine.scheduler import SchedulerOutput
 from ember.models.base import CausalLM
 from ember.outputs import PositionLogprobs
@@ -31,6 +32,8 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = torch.device(device)
         self.sampler = Sampler()
+        if model.model.embed_tokens.weight.dtype == torch.bfloat16:
+            gemv_module()  # build (or load) the decode kernel now, not during the first request
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:

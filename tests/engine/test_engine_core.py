@@ -41,12 +41,14 @@ def test_batch_invariance_with_chunked_prefill(llama):
     assert_no_leak(llm.engine)
 
 
-def test_prefix_cache_hit_gives_the_same_output(llama):
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: a sliding-window group besides the full one
+def test_prefix_cache_hit_gives_the_same_output(checkpoint_dir, family):
+    folder = checkpoint_dir(family)
     shared = _prompts(1, seed=5, low=50, high=51)[0]
     prompts = [shared + tail for tail in ([7, 8, 9], [10, 11], [12])]
-    cold = LLM(llama, dtype="float32", block_size=4, enable_prefix_caching=False)
+    cold = LLM(folder, dtype="float32", block_size=4, enable_prefix_caching=False)
     expected = _tokens(cold.generate(prompts, GREEDY, use_tqdm=False))
-    warm = LLM(llama, dtype="float32", block_size=4)
+    warm = LLM(folder, dtype="float32", block_size=4)
     warm.generate([shared], GREEDY, use_tqdm=False)
     stats = warm.engine.kv_manager.stats
     hits_before = stats.hits
