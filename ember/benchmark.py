@@ -47,7 +47,9 @@ class BenchRequest:
 # ---------------------------------------------------------------------------------------------------
 
 
-def random_prompt(rng: random.Random, length: int, vocab_size: int, bos_token_id: int | None, special: set[int]) -> list[int]:
+def random_prompt(
+    rng: random.Random, length: int, vocab_size: int, bos_token_id: int | None, special: set[int]
+) -> list[int]:
     """`length` token ids: BOS (when the model has one), then uniformly random non-special ids."""
     ids = [bos_token_id] if bos_token_id is not None else []
     while len(ids) < length:
@@ -57,7 +59,9 @@ def random_prompt(rng: random.Random, length: int, vocab_size: int, bos_token_id
     return ids[:length]
 
 
-def random_requests(tokenizer: Any, num: int, input_len: int, output_len: int, seed: int = 0, vocab_size: int | None = None) -> list[BenchRequest]:
+def random_requests(
+    tokenizer: Any, num: int, input_len: int, output_len: int, seed: int = 0, vocab_size: int | None = None
+) -> list[BenchRequest]:
     """`num` requests of `input_len` random token ids each, every one asking for `output_len` tokens."""
     check_positive(num=num, input_len=input_len, output_len=output_len)
     rng = random.Random(seed)
