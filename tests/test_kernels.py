@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.kernels.gemv import MAX_ROWS, gemv_module, linear, uses_kernel
+from ember.kernels.paged_attention import paged_attention_module, paged_decode_attention
 
 needs_kernel = pytest.mark.skipif(gemv_module() is None, reason="no avx512_bf16 CPU or compiler here")
 
@@ -39,3 +40,35 @@ def test_fallback_cases_use_f_linear():
     assert not uses_kernel(torch.randn(1, 32), w.float())  # float32 model
     x = torch.randn(MAX_ROWS + 1, 32).bfloat16()
     assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+needs_paged = pytest.mark.skipif(paged_attention_module() is None, reason="kernel cannot be built here")
+
+
+@needs_paged
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, window, softcap", [(4, 1, None, None), (8, 2, 5, None), (4, 4, None, 20.0)])
+def test_paged_decode_attention_matches_reference(dtype, heads, kv_heads, window, softcap):
+    g = torch.Generator().manual_seed(heads + kv_heads)
+    block_size, dim, num_blocks = 4, 32, 40
+    k_pool = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
+    v_pool = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g).to(dtype)
+    ends = [13, 1, 8]
+    tables = [torch.randperm(num_blocks - 1, generator=g)[: -(-e // block_size)].add(1).tolist() for e in ends]
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    starts = [max(0, e - window) if window else 0 for e in ends]
+    q = torch.randn(len(ends), heads, dim, generator=g).to(dtype)
+    got = paged_decode_attention(q, k_pool, v_pool, padded, torch.tensor(starts), torch.tensor(ends), 0.2, softcap)
+    for b, (start, end) in enumerate(zip(starts, ends)):
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(tables[b])[positions // block_size]
+        k = k_pool[blocks, positions % block_size].float().transpose(0, 1)  # [Hkv, n, D]
+        v = v_pool[blocks, positions % block_size].float().transpose(0, 1)
+        qg = q[b].float().view(kv_heads, heads // kv_heads, dim)
+        scores = qg @ k.transpose(-1, -2) * 0.2
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        expected = (scores.softmax(-1) @ v).reshape(heads, dim)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(got[b].float(), expected, atol=tolerance, rtol=tolerance)

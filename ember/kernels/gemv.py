@@ -8,47 +8,18 @@ EMBER_DISABLE_KERNELS=1 to force the fallback.
 
 from __future__ import annotations
 
-import logging
-import os
-from functools import cache
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger("ember")
+from ember.kernels.build import load_kernel
 
 MAX_ROWS = 8  # beyond this the matmul is compute-bound and oneDNN's GEMM wins
 
 
-def _cpu_has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return "avx512_bf16" in f.read()
-    except OSError:
-        return False
-
-
-@cache
 def gemv_module() -> ModuleType | None:
-    """The compiled kernel, built once per machine (cached by torch in ~/.cache/torch_extensions)."""
-    if os.environ.get("EMBER_DISABLE_KERNELS") == "1" or not _cpu_has_avx512_bf16():
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        source = os.path.join(os.path.dirname(__file__), "gemv_bf16.cpp")
-        logger.info("ember: building the bf16 GEMV kernel (first use on this machine only)")
-        return load(
-            name="ember_gemv_bf16",
-            sources=[source],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # no compiler, unsupported flags, ...: the fallback is always correct
-        logger.warning("ember: bf16 GEMV kernel unavailable (%s); using F.linear", e)
-        return None
+    return load_kernel("gemv_bf16", "avx512_bf16")
 
 
 def uses_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:

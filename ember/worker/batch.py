@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ember.kernels.paged_attention import kernel_applies, paged_decode_attention
 from ember.worker.kv_cache import PagedKVCache
 
 
@@ -29,6 +30,8 @@ class _KeyLayout:
     consecutive_first: int | None  # first block id when a single sequence's blocks are consecutive
     num_keys: int  # key positions read (a single sequence's keys are cut at its end)
     mask: torch.Tensor | None  # [B, 1, L, num_keys]
+    # For the paged decode kernel: full block tables [B, nb] and each query's key range [start, end).
+    paged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -49,8 +52,10 @@ class ForwardBatch:
     _slot_mappings: list[torch.Tensor] = field(init=False)
     _segments: list[_Segment] = field(init=False)
     _layouts: dict[tuple[int, int, int | None], _KeyLayout] = field(init=False, default_factory=dict)
+    _paged_kernel: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        self._paged_kernel = kernel_applies(self.kv_cache.keys[0])
         block_size = self.kv_cache.block_size
         positions = self.positions.tolist()
         owners = [b for b, n in enumerate(self.query_lens) for _ in range(n)]
@@ -91,6 +96,10 @@ class ForwardBatch:
     ) -> torch.Tensor:
         segment = self._segments[index]
         layout = self._layout(index, group, window)
+        if layout.paged is not None:
+            tables, key_start, key_end = layout.paged
+            keys, values = self.kv_cache.keys[layer], self.kv_cache.values[layer]
+            return paged_decode_attention(q, keys, values, tables, key_start, key_end, scale, softcap)
         if layout.consecutive_first is not None:
             keys, values = self.kv_cache.slice(layer, layout.consecutive_first, layout.block_table.shape[1])
         else:
@@ -147,8 +156,20 @@ class ForwardBatch:
             consecutive = rows[0][0]
         key_start = first_block * block_size
         key_end = ends[0] if len(ends) == 1 else last_block * block_size
+        if segment.query_len == 1 and len(segment.seqs) > 1 and self._paged_kernel:
+            return _KeyLayout(block_table, None, 0, None, self._paged_layout(segment, group, window, last_block))
         mask = _mask(starts, ends, segment.query_len, key_start, key_end, window, device)
         return _KeyLayout(block_table, consecutive, key_end - key_start, mask)
+
+    def _paged_layout(
+        self, segment: _Segment, group: int, window: int | None, last_block: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = self.input_ids.device
+        tables = [self.block_tables[group][b][:last_block] for b in segment.seqs]
+        padded = torch.tensor([t + [0] * (last_block - len(t)) for t in tables], dtype=torch.long, device=device)
+        ends = [self.end_positions[b] for b in segment.seqs]
+        starts = [max(0, end - window) if window else 0 for end in ends]
+        return padded, torch.tensor(starts, device=device), torch.tensor(ends, device=device)
 
 
 def _mask(
