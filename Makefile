@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_single_stream.py
+	$(PY) bench/bench_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -156,7 +156,7 @@ class ForwardBatch:
             consecutive = rows[0][0]
         key_start = first_block * block_size
         key_end = ends[0] if len(ends) == 1 else last_block * block_size
-        if segment.query_len == 1 and len(segment.seqs) > 1 and self._paged_kernel:
+        if segment.query_len == 1 and self._paged_kernel:
             return _KeyLayout(block_table, None, 0, None, self._paged_layout(segment, group, window, last_block))
         mask = _mask(starts, ends, segment.query_len, key_start, key_end, window, device)
         return _KeyLayout(block_table, consecutive, key_end - key_start, mask)
