@@ -75,7 +75,11 @@ class LLMEngine:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         limit = self.max_model_len if params.max_tokens is None else len(token_ids) + params.max_tokens
-        limit = min(limit, self.max_model_len)
+        if limit > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit "
+                f"(max_model_len) of {self.max_model_len} tokens; lower max_tokens"
+            )
         if not self.kv_manager.can_ever_fit(limit, self.config.max_num_batched_tokens):
             raise InvalidRequestError(
                 f"request needs up to {limit} tokens of KV cache, but the cache holds only "

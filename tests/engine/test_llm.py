@@ -62,9 +62,13 @@ def test_n_completions(llm):
 
 
 def test_max_tokens_and_context_limit(llm):
-    [out] = llm.generate([[5] * 120], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)
-    assert len(out.outputs[0].token_ids) == 128 - 120
-    assert out.outputs[0].finish_reason == "length"
+    [out] = llm.generate([[5] * 120], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 8 and out.outputs[0].finish_reason == "length"
+    [out] = llm.generate([[5] * 120], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 128 - 120 and out.outputs[0].finish_reason == "length"
+    with pytest.raises(InvalidRequestError, match="exceeds the context limit"):
+        llm.generate([[5] * 120], SamplingParams(max_tokens=50), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_stop_token_ids_and_eos(llm):
