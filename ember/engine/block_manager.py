@@ -280,13 +280,16 @@ class KVCacheManager:
             None not in f[self._first_needed_block(m, length) : length] for m, f in zip(self.managers, found)
         ):
             length -= 1
-        self.stats.queries += len(token_ids)
-        self.stats.hits += length * self.block_size
         computed = []
         for m, f in zip(self.managers, found):
             first = self._first_needed_block(m, length)
             computed.append([NULL_BLOCK] * first + [b for b in f[first:length] if b is not None])
         return computed, length * self.block_size
+
+    def record_lookup(self, num_tokens: int, num_cached: int) -> None:
+        """Count an admitted request's prompt lookup (hits and queries in tokens, for metrics)."""
+        self.stats.queries += num_tokens
+        self.stats.hits += num_cached
 
     def allocate(
         self, request_id: str, num_computed: int, num_new: int, computed: Sequence[Sequence[int]] | None = None

@@ -131,6 +131,7 @@ class Scheduler:
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate(request.request_id, num_cached, num_new, computed):
                 break
+            self.kv.record_lookup(request.num_tokens, num_cached)
             self.waiting.popleft()
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
