@@ -17,7 +17,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ember generate "The capital of France is" --max-tokens 64
+	$(VENV)/bin/ember generate "The capital of France is" --max-tokens 64 --temperature 0.7 --seed 0
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15 tests
