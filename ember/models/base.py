@@ -93,6 +93,9 @@ class CausalLM(nn.Module):
         if expected:
             names = sorted({name for name, _ in expected})
             raise CorruptModelError(f"checkpoint lacks tensors for: {', '.join(names[:5])}")
+        for module in self.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
 
 
 def _stacked_target(name: str) -> tuple[str, int]:

@@ -19,9 +19,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim), requires_grad=False)
+        self._offset_weight: torch.Tensor | None = None  # float32 (1 + w), made once after loading
+
+    def process_weights_after_loading(self) -> None:
+        if self.unit_offset:
+            self._offset_weight = 1.0 + self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (x.shape[-1],)
         if self.unit_offset:
-            return F.rms_norm(x.float(), shape, 1.0 + self.weight.float(), self.eps).type_as(x)
+            scale = self._offset_weight if self._offset_weight is not None else 1.0 + self.weight.float()
+            return F.rms_norm(x.float(), shape, scale, self.eps).type_as(x)
         return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype)

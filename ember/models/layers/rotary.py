@@ -41,14 +41,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, rope), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> cos, sin: [T, 1, D], computed in float32 and then cast (as the reference does)."""
+        """positions: [T] -> cos, sin: [T, 1, D], computed in float32 and then cast (as the reference does).
+
+        The returned sin has its first half negated, so `apply_rotary` needs no negation per call."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos = torch.cat([freqs, freqs], dim=-1).cos()
+        sin = torch.cat([-freqs, freqs], dim=-1).sin()  # sin(-f) = -sin(f)
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos, sin: [T, 1, D] in x's dtype."""
+    """x: [T, H, D]; cos, signed sin: [T, 1, D] in x's dtype. x*cos + rotate_half(x)*sin, where
+    rotate_half(x) = [-x2, x1] = [x2, x1] * [-1, 1], the sign being folded into sin."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
