@@ -163,9 +163,3 @@ def _unpermute_rope_rows(weights: torch.Tensor, heads: int) -> torch.Tensor:
     rows = weights.shape[0]
     half = rows // heads // 2
     return weights.reshape(heads, half, 2, *weights.shape[1:]).transpose(1, 2).reshape(weights.shape)
-
-
-def gguf_tensor_count(gguf_file: GGUFFile) -> int:
-    return len(gguf_file.tensors)
-
-
