@@ -24,12 +24,13 @@ class _Segment:
 
 @dataclass
 class _KeyLayout:
-    """Where one segment's keys are in one layer group, shared by every layer of the group."""
+    """Where one segment's keys are in one layer group, shared by every layer of the group: either
+    inputs for the paged decode kernel, or a block table to gather (or slice) plus a mask."""
 
-    block_table: torch.Tensor  # [B, nb]
-    consecutive_first: int | None  # first block id when a single sequence's blocks are consecutive
-    num_keys: int  # key positions read (a single sequence's keys are cut at its end)
-    mask: torch.Tensor | None  # [B, 1, L, num_keys]
+    block_table: torch.Tensor | None = None  # [B, nb]
+    consecutive_first: int | None = None  # first block id when a single sequence's blocks are consecutive
+    num_keys: int = 0  # key positions read (a single sequence's keys are cut at its end)
+    mask: torch.Tensor | None = None  # [B, 1, L, num_keys]
     # For the paged decode kernel: full block tables [B, nb] and each query's key range [start, end).
     paged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -141,33 +142,33 @@ class ForwardBatch:
     def _build_layout(self, segment: _Segment, group: int, window: int | None) -> _KeyLayout:
         block_size = self.kv_cache.block_size
         device = self.input_ids.device
+        all_ends = self.end_positions
         starts = [self.start_positions[b] for b in segment.seqs]
-        ends = [self.end_positions[b] for b in segment.seqs]
+        ends = [all_ends[b] for b in segment.seqs]
+        last_block = -(-max(ends) // block_size)
+        if segment.query_len == 1 and self._paged_kernel:
+            return _KeyLayout(paged=self._paged_layout(segment, group, window, ends, last_block))
         # Blocks older than every query's window are not read at all.
         first_block = max(0, min(starts) - window + 1) // block_size if window else 0
-        last_block = -(-max(ends) // block_size)
         rows = []
         for b in segment.seqs:
             table = self.block_tables[group][b][first_block:last_block]
             rows.append(table + [0] * (last_block - first_block - len(table)))
-        block_table = torch.tensor(rows, dtype=torch.long, device=device)
         consecutive = None
         if len(rows) == 1 and rows[0] == list(range(rows[0][0], rows[0][0] + len(rows[0]))):
             consecutive = rows[0][0]
         key_start = first_block * block_size
         key_end = ends[0] if len(ends) == 1 else last_block * block_size
-        if segment.query_len == 1 and self._paged_kernel:
-            return _KeyLayout(block_table, None, 0, None, self._paged_layout(segment, group, window, last_block))
         mask = _mask(starts, ends, segment.query_len, key_start, key_end, window, device)
+        block_table = torch.tensor(rows, dtype=torch.long, device=device)
         return _KeyLayout(block_table, consecutive, key_end - key_start, mask)
 
     def _paged_layout(
-        self, segment: _Segment, group: int, window: int | None, last_block: int
+        self, segment: _Segment, group: int, window: int | None, ends: list[int], last_block: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device = self.input_ids.device
         tables = [self.block_tables[group][b][:last_block] for b in segment.seqs]
         padded = torch.tensor([t + [0] * (last_block - len(t)) for t in tables], dtype=torch.long, device=device)
-        ends = [self.end_positions[b] for b in segment.seqs]
         starts = [max(0, end - window) if window else 0 for end in ends]
         return padded, torch.tensor(starts, device=device), torch.tensor(ends, device=device)
 
