@@ -1,0 +1,173 @@
+"""Weight quantization schemes and the quantized-weight representation every producer shares.
+
+A weight W [N, K] is cut into groups of `g` consecutive input columns per output row; each group has
+its own fp32 scale (and, for asymmetric schemes, an fp32 offset):
+
+* int4 (asymmetric): codes uint8 in 0..15, W ~= codes * scale + offset
+* int8 (symmetric):  codes int8 in -128..127, W ~= codes * scale
+
+This is the format of `ember.kernels.quant_linear` (pack_int4 / pack_int8). RTN quantize-on-load, the
+GGUF converters (ember.loader.gguf_native) and the calibration methods (GPTQ/AWQ) all produce a
+`QuantizedWeight`, so the layers, the kernels and the checkpoint format see one representation.
+
+Scheme strings (CLI `--quantization`, `LLM(quantization=...)`):
+
+* ``int8``        int8 symmetric, per output channel (g = K). Per-channel absmax loses almost nothing at
+                  8 bits, and one scale per row is the cheapest to apply.
+* ``int4``        int4 asymmetric, groups of 32. At 4 bits per-channel RTN visibly hurts small models;
+                  32 matches GGUF's Q4_K / Q4_0 blocks and RTN quality, at 1 fp32 scale + offset per 32
+                  weights (2 extra bits per weight; g128 halves that at some accuracy cost).
+* ``int4-g128``, ``int8-g32``, ...  explicit group size (16, 32, 64, 128)
+* ``int4-pc`` / ``int8-pc``         explicit per channel
+* ``int4-sym``    int4 with a symmetric grid (codes - 8) * scale, stored as offset = -8 * scale
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ember.errors import InvalidRequestError
+
+GROUP_SIZES = (16, 32, 64, 128)
+PER_CHANNEL = -1
+_DEFAULT_GROUP = {4: 32, 8: PER_CHANNEL}
+_SCHEME_RE = re.compile(r"^int(?P<bits>4|8)(?P<opts>(-[a-z0-9]+)*)$")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """bits: 4 or 8; group_size: 16/32/64/128 or -1 (one group per output row); symmetric: int8 must be."""
+
+    bits: int
+    group_size: int = 32
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise InvalidRequestError(f"quantization: {self.bits}-bit weights are not supported (use 4 or 8)")
+        if self.group_size != PER_CHANNEL and self.group_size not in GROUP_SIZES:
+            raise InvalidRequestError(
+                f"quantization: group size {self.group_size} is not supported "
+                f"(use one of {', '.join(map(str, GROUP_SIZES))} or per channel)"
+            )
+        if self.bits == 8 and not self.symmetric:
+            # The int8 kernel has no offsets: an asymmetric int8 grid would need a second weight pass.
+            raise InvalidRequestError("quantization: int8 is symmetric only")
+
+    @classmethod
+    def parse(cls, text: str) -> QuantScheme:
+        """'int8', 'int4', 'int4-g128', 'int8-g32', 'int4-pc', 'int4-sym', 'int4-g64-sym' -> QuantScheme."""
+        match = _SCHEME_RE.match(text.strip().lower())
+        if match is None:
+            raise InvalidRequestError(
+                f"quantization scheme {text!r} is not understood (examples: int8, int4, int4-g128, int8-g32, int4-pc)"
+            )
+        bits = int(match["bits"])
+        group = _DEFAULT_GROUP[bits]
+        symmetric = bits == 8
+        for opt in filter(None, match["opts"].split("-")):
+            if opt == "pc":
+                group = PER_CHANNEL
+            elif opt == "sym":
+                symmetric = True
+            elif opt.startswith("g") and opt[1:].isdigit():
+                group = int(opt[1:])
+            else:
+                raise InvalidRequestError(f"quantization scheme {text!r}: unknown option {opt!r}")
+        return cls(bits, group, symmetric)
+
+    @property
+    def name(self) -> str:
+        """Canonical string; `QuantScheme.parse(s.name) == s`."""
+        group = "pc" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
+        sym = "-sym" if self.symmetric and self.bits == 4 else ""
+        return f"int{self.bits}-{group}{sym}"
+
+    def group_for(self, in_features: int) -> int:
+        """The concrete group size for a weight with `in_features` columns."""
+        g = in_features if self.group_size == PER_CHANNEL else self.group_size
+        if in_features % g:
+            raise InvalidRequestError(
+                f"quantization {self.name}: {in_features} input features are not a multiple of group size {g}"
+            )
+        return g
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass
+class QuantizedWeight:
+    """codes [N, K] (uint8 0..15 for int4, int8 for int8), scales fp32 [N, K // g], offsets fp32 [N, K // g]
+    for int4 (None for int8). `scheme.group_size` may be -1; the real group size is K // scales.shape[1]."""
+
+    scheme: QuantScheme
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n, k = self.codes.shape
+        if self.scales.dim() != 2 or self.scales.shape[0] != n or k % self.scales.shape[1]:
+            raise ValueError(f"scales {tuple(self.scales.shape)} do not fit codes {tuple(self.codes.shape)}")
+        if self.scheme.bits == 4:
+            if self.codes.dtype != torch.uint8 or self.offsets is None:
+                raise ValueError("int4 weights need uint8 codes and offsets")
+            if self.offsets.shape != self.scales.shape:
+                raise ValueError("int4 offsets must have the shape of the scales")
+        elif self.codes.dtype != torch.int8 or self.offsets is not None:
+            raise ValueError("int8 weights need int8 codes and no offsets")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def group_size(self) -> int:
+        return self.codes.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [N, K]."""
+        n, k = self.codes.shape
+        g = self.group_size
+        grouped = self.codes.to(torch.float32).view(n, k // g, g)
+        w = grouped * self.scales.unsqueeze(-1)
+        if self.offsets is not None:
+            w = w + self.offsets.unsqueeze(-1)
+        return w.view(n, k)
+
+    def max_error(self) -> torch.Tensor:
+        """Per-element bound on |dequantize() - W| for an RTN-quantized W: half a step, [N, K // g]."""
+        return self.scales.abs() / 2
+
+
+def quantize_rtn(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """Round-to-nearest: per group, int4 maps [min, max] onto 0..15 (asymmetric), int8 maps
+    [-absmax, absmax] onto -127..127 (symmetric; -128 unused so the grid is symmetric)."""
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_rtn expects a 2-D weight, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    g = scheme.group_for(k)
+    w = weight.detach().to(torch.float32).reshape(n, k // g, g)
+    if scheme.bits == 8 or scheme.symmetric:
+        qmax = 127 if scheme.bits == 8 else 7
+        absmax = w.abs().amax(dim=-1)
+        scales = absmax / qmax
+        # An all-zero group gets scale 1 (any scale represents it exactly) so no division by zero.
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(w / scales.unsqueeze(-1))
+        if scheme.bits == 8:
+            codes = q.clamp_(-127, 127).to(torch.int8).view(n, k)
+            return QuantizedWeight(scheme, codes, scales.contiguous())
+        codes = (q.clamp_(-8, 7) + 8).to(torch.uint8).view(n, k)
+        return QuantizedWeight(scheme, codes, scales.contiguous(), (-8 * scales).contiguous())
+    lo = w.amin(dim=-1)
+    hi = w.amax(dim=-1)
+    scales = (hi - lo) / 15
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round((w - lo.unsqueeze(-1)) / scales.unsqueeze(-1))
+    codes = q.clamp_(0, 15).to(torch.uint8).view(n, k)
+    return QuantizedWeight(scheme, codes, scales.contiguous(), lo.contiguous())
