@@ -1,0 +1,254 @@
+"""Weight-only INT4 / INT8 linear layers for CPU inference.
+
+Input representation (what the GGUF mapping and the calibration code produce), W [N out, K in]:
+  int4 asymmetric: codes uint8 0..15 [N, K], scales/offsets float32 [N, K//g]; W = codes * scale + offset
+  int8 symmetric:  codes int8 -128..127 [N, K], scales float32 [N, K//g];      W = codes * scale
+with g in {16, 32, 64, 128} or g = K (per output channel).
+
+Packed layout (what `pack_int4` / `pack_int8` return; layout-independent of whether the kernel exists,
+so the PyTorch fallback and checkpoints use the same tensors):
+  * rows are padded to a multiple of 64 and cut into tiles of 16 rows; within a tile the weights are
+    interleaved "16 rows x 4 consecutive k" per 64-byte vector, so one AVX-512 VNNI `vpdpbusd` multiplies
+    16 output rows by 4 activations at once (each int32 lane is one output row; no horizontal sums).
+  * int4: qweight uint8 [Np/16, K/8, 64]; byte 4r+j holds row r's k=8i+j (low nibble) and k=8i+4+j
+    (high nibble), so one load + and/shift yields the two 64-byte vectors for k-steps 8i and 8i+4.
+  * int8: qweight int8 [Np/16, K/4, 64]; byte 4r+j is row r's k=4i+j.
+  * scales (and int4 offsets) float32 [Np/16, K/gk, 16]: one 64-byte load per tile per group.
+    fp32 keeps the GGUF mappings exact (Q4_K d*sc and dmin*m, Q6_K d*sc are exact fp32 products).
+  * gk, the kernel group, is g for g <= 128; larger groups (per-channel) are split into gk = the largest
+    of 128/64/32/16 dividing g, with the scale repeated, so int32 accumulators never overflow.
+  Bytes per weight: int4 0.5 + 8/gk (g=32: 0.75, g=64: 0.625, g=128: 0.5625);
+                    int8 1 + 4/gk  (g=16: 1.25, g=32: 1.125, g=128: 1.03125).
+
+Kernel (quant_linear.cpp, AVX-512 VNNI): activations are quantized per row and per group to int8 in two
+parts, x ~= xs * (hi + lo/256), so the products are exact integer dot products and the result carries
+~16 bits of activation precision (more than the bf16 input), i.e. it matches x @ W.T to about fp32
+accumulation error rather than to int8-activation error.
+
+Routing by batch rows M (see bench/bench_quant_kernels.py for the numbers behind it): filled in below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from ember.kernels.build import load_kernel
+
+TILE_ROWS = 16  # output rows per 64-byte vector (one int32 lane each)
+ROW_PAD = 64  # rows are padded to this so the kernel always runs whole groups of 4 tiles
+MAX_KERNEL_GROUP = 128
+
+
+def _kernel_group(group_size: int) -> int:
+    if group_size <= MAX_KERNEL_GROUP:
+        return group_size
+    for gk in (128, 64, 32, 16):
+        if group_size % gk == 0:
+            return gk
+    raise ValueError(f"group size {group_size} must be a multiple of 16")
+
+
+def _check(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[int, int, int]:
+    if codes.dim() != 2:
+        raise ValueError("codes must be [N, K]")
+    n, k = codes.shape
+    if group_size <= 0 or k % group_size or group_size % 16:
+        raise ValueError(f"group size {group_size} must divide K={k} and be a multiple of 16")
+    if tuple(scales.shape) != (n, k // group_size):
+        raise ValueError(f"scales must be [{n}, {k // group_size}], got {tuple(scales.shape)}")
+    return n, k, _kernel_group(group_size)
+
+
+def _tile_groups(t: torch.Tensor, n_pad: int, repeat: int) -> torch.Tensor:
+    """[N, G] per-row group values -> float32 [Np/16, G*repeat, 16] (zero for padded rows)."""
+    t = t.to(torch.float32).repeat_interleave(repeat, dim=1)
+    t = F.pad(t, (0, 0, 0, n_pad - t.shape[0]))
+    return t.view(n_pad // TILE_ROWS, TILE_ROWS, -1).transpose(1, 2).contiguous()
+
+
+def _untile_groups(t: torch.Tensor, n: int, group: int) -> torch.Tensor:
+    """float32 [Np/16, G, 16] -> [N, K] with each group value repeated over its columns."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n].repeat_interleave(group, dim=1)
+
+
+def _padded_rows(n: int) -> int:
+    return -(-n // ROW_PAD) * ROW_PAD
+
+
+@dataclass
+class PackedInt4:
+    """int4 asymmetric weight in the kernel layout (see the module docstring)."""
+
+    qweight: torch.Tensor  # uint8 [Np/16, K/8, 64]
+    scales: torch.Tensor  # float32 [Np/16, K/gk, 16]
+    offsets: torch.Tensor  # float32 [Np/16, K/gk, 16]
+    out_features: int  # N (rows beyond it are padding)
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * 8
+
+    @property
+    def group_size(self) -> int:
+        """The kernel group gk (the input group, or a divisor of it for groups above 128)."""
+        return self.in_features // self.scales.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "scales": self.scales, "offsets": self.offsets}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], out_features: int) -> PackedInt4:
+        return cls(tensors["qweight"], tensors["scales"], tensors["offsets"], out_features)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+@dataclass
+class PackedInt8:
+    """int8 symmetric weight in the kernel layout (see the module docstring)."""
+
+    qweight: torch.Tensor  # int8 [Np/16, K/4, 64]
+    scales: torch.Tensor  # float32 [Np/16, K/gk, 16]
+    out_features: int
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * 4
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scales.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "scales": self.scales}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], out_features: int) -> PackedInt8:
+        return cls(tensors["qweight"], tensors["scales"], out_features)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+Packed = PackedInt4 | PackedInt8
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> PackedInt4:
+    """codes uint8 0..15 [N, K], scales/offsets [N, K//group_size] -> PackedInt4 (W = codes*scale + offset)."""
+    n, k, gk = _check(codes, scales, group_size)
+    if tuple(offsets.shape) != tuple(scales.shape):
+        raise ValueError("offsets must have the shape of scales")
+    n_pad = _padded_rows(n)
+    c = F.pad(codes.to(torch.uint8), (0, 0, 0, n_pad - n))
+    # [T, 16 rows, K/8, 2 halves, 4 k] -> [T, K/8, 16, 2, 4]; low half -> low nibble.
+    c = c.view(n_pad // TILE_ROWS, TILE_ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
+    q = (c[..., 0, :] & 0xF) | ((c[..., 1, :] & 0xF) << 4)
+    rep = group_size // gk
+    return PackedInt4(
+        q.reshape(n_pad // TILE_ROWS, k // 8, 64).contiguous(),
+        _tile_groups(scales, n_pad, rep),
+        _tile_groups(offsets, n_pad, rep),
+        n,
+    )
+
+
+def pack_int8(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> PackedInt8:
+    """codes int8 [N, K], scales [N, K//group_size] -> PackedInt8 (W = codes * scale)."""
+    n, k, gk = _check(codes, scales, group_size)
+    n_pad = _padded_rows(n)
+    c = F.pad(codes.to(torch.int8), (0, 0, 0, n_pad - n))
+    q = c.view(n_pad // TILE_ROWS, TILE_ROWS, k // 4, 4).permute(0, 2, 1, 3)
+    return PackedInt8(q.reshape(n_pad // TILE_ROWS, k // 4, 64).contiguous(), _tile_groups(scales, n_pad, group_size // gk), n)
+
+
+def _codes(packed: Packed, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes [N or len(rows), K] as float32, undoing the tile interleave."""
+    q = packed.qweight
+    k = packed.in_features
+    if isinstance(packed, PackedInt4):
+        q = q.view(q.shape[0], k // 8, TILE_ROWS, 4)  # [T, K/8, 16, 4]
+        q = torch.stack((q & 0xF, q >> 4), dim=3)  # [T, K/8, 16, 2, 4]
+        q = q.permute(0, 2, 1, 3, 4).reshape(-1, k)
+    else:
+        q = q.view(q.shape[0], k // 4, TILE_ROWS, 4).permute(0, 2, 1, 3).reshape(-1, k)
+    q = q[: packed.out_features] if rows is None else q[rows]
+    return q.to(torch.float32)
+
+
+def unpack(packed: Packed) -> torch.Tensor:
+    """Exact dequantized weight, float32 [N, K]."""
+    n, g = packed.out_features, packed.group_size
+    w = _codes(packed) * _untile_groups(packed.scales, n, g)
+    if isinstance(packed, PackedInt4):
+        w += _untile_groups(packed.offsets, n, g)
+    return w
+
+
+def embedding_rows(packed: Packed, ids: torch.Tensor) -> torch.Tensor:
+    """Dequantized rows W[ids] as float32 [len(ids), K] (quantized tied embeddings look rows up)."""
+    ids = ids.reshape(-1).to(torch.long)
+    g = packed.group_size
+    tile, lane = ids // TILE_ROWS, ids % TILE_ROWS
+    codes = _gather_codes(packed, tile, lane)
+    w = codes * packed.scales[tile, :, lane].repeat_interleave(g, dim=1)
+    if isinstance(packed, PackedInt4):
+        w += packed.offsets[tile, :, lane].repeat_interleave(g, dim=1)
+    return w
+
+
+def _gather_codes(packed: Packed, tile: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
+    """Codes of rows (tile, lane) without unpacking the whole matrix."""
+    k = packed.in_features
+    if isinstance(packed, PackedInt4):
+        q = packed.qweight.view(packed.qweight.shape[0], k // 8, TILE_ROWS, 4)[tile, :, lane]  # [R, K/8, 4]
+        q = torch.stack((q & 0xF, q >> 4), dim=2)  # [R, K/8, 2, 4]
+    else:
+        q = packed.qweight.view(packed.qweight.shape[0], k // 4, TILE_ROWS, 4)[tile, :, lane]  # [R, K/4, 4]
+    return q.reshape(len(tile), k).to(torch.float32)
+
+
+def quant_module() -> ModuleType | None:
+    return load_kernel("quant_linear", "avx512_vnni")
+
+
+def uses_kernel(x: torch.Tensor, packed: Packed) -> bool:
+    return (
+        x.device.type == "cpu"
+        and packed.qweight.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and x.numel() > 0
+        and quant_module() is not None
+    )
+
+
+def quant_linear_reference(
+    x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Pure PyTorch: dequantize to float32 and F.linear in float32. Correct everywhere, slow."""
+    w = unpack(packed).to(x.device)
+    y = F.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
+    return y.to(out_dtype or x.dtype)
+
+
+def quant_linear(
+    x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for x [..., K] bf16/fp32; y [..., N] in out_dtype (default x.dtype).
+    out_dtype=float32 keeps the kernel's fp32 accumulators (logits)."""
+    if x.shape[-1] != packed.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {packed.in_features}")
+    if not uses_kernel(x, packed):
+        return quant_linear_reference(x, packed, bias, out_dtype)
+    out_dtype = out_dtype or x.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    mod = quant_module()
+    if isinstance(packed, PackedInt4):
+        y = mod.int4_linear(x2, packed.qweight, packed.scales, packed.offsets, bias, packed.out_features, out_dtype == torch.float32)
+    else:
+        y = mod.int8_linear(x2, packed.qweight, packed.scales, bias, packed.out_features, out_dtype == torch.float32)
+    return y.view(*x.shape[:-1], packed.out_features).to(out_dtype)
