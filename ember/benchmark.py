@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ember.bench_serve import add_serve_bench_parser, bench_serve, result_table
 from ember.errors import EmberError, InvalidRequestError
 
 # ShareGPT limits, as in vLLM's benchmark: drop very short turns, cap long ones.
@@ -314,7 +315,7 @@ def run_latency(
 
 def add_bench_parser(commands: Any) -> None:
     """Add `bench throughput` and `bench latency` to the CLI's subcommands."""
-    bench = commands.add_parser("bench", help="measure offline throughput or latency")
+    bench = commands.add_parser("bench", help="measure offline throughput or latency, or load a server")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     throughput = kinds.add_parser("throughput", help="all requests at once through LLM.generate: tokens/s")
     latency = kinds.add_parser("latency", help="one request (or batch) at a time: TTFT and time per output token")
@@ -344,6 +345,7 @@ def add_bench_parser(commands: Any) -> None:
     latency.add_argument("--batch-size", type=int, default=1, help="requests submitted together (default: 1)")
     latency.add_argument("--num-iters", type=int, default=5, help="timed iterations (default: 5)")
     latency.add_argument("--num-iters-warmup", type=int, default=1, help="untimed iterations first (default: 1)")
+    add_serve_bench_parser(kinds)
 
 
 def make_llm(args: argparse.Namespace) -> Any:
@@ -417,15 +419,25 @@ def latency_table(report: dict[str, Any]) -> str:
 
 def run_bench(args: argparse.Namespace) -> None:
     """Entry point of `ember bench ...` (called by ember.cli.main, which turns EmberError into one line)."""
+    if args.bench_command == "serve":
+        report = bench_serve(args)
+        print(result_table(report["results"]))
+        _save(report, args.save_result)
+        return
     if args.bench_command == "throughput":
         report, table = bench_throughput(args), throughput_table
     else:
         report, table = bench_latency(args), latency_table
     print(table(report))
-    if args.output_json:
-        try:
-            with open(args.output_json, "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=2)
-        except OSError as e:
-            raise EmberError(f"cannot write {args.output_json!r}: {e.strerror}") from e
+    _save(report, args.output_json)
+
+
+def _save(report: dict[str, Any], path: str | None) -> None:
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    except OSError as e:
+        raise EmberError(f"cannot write {path!r}: {e.strerror}") from e
         print(f"wrote {args.output_json}", file=sys.stderr)

@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_dataclass_flags(sub, EngineConfig, _ENGINE_FLAGS, {})
         _add_dataclass_flags(sub, SamplingParams, _SAMPLING_FLAGS, {"max_tokens": max_tokens})
         sub.add_argument("--verbose", action="store_true", help="log engine details to stderr")
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
+    _add_dataclass_flags(serve, EngineConfig, _ENGINE_FLAGS, {})
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 route")
+    serve.add_argument("--served-model-name", default=None, help="model name clients use (default: the --model value)")
+    serve.add_argument("--max-waiting-requests", type=int, default=256,
+                       help="requests allowed to wait for a batch slot; beyond it: 429 with Retry-After (default: 256)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default: 4 MiB)")
+    serve.add_argument("--verbose", action="store_true", help="log engine details to stderr")
     add_bench_parser(commands)
     return parser
 
@@ -141,6 +151,18 @@ def _run_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
+def _run_serve(args: argparse.Namespace) -> None:
+    from ember.server.launch import serve
+
+    values = vars(args)
+    config = EngineConfig(**{name: values[name] for name in _ENGINE_FLAGS})
+    if args.max_waiting_requests < 1:
+        raise EmberError("--max-waiting-requests must be at least 1")
+    logging.getLogger("ember").setLevel(logging.INFO)  # the startup lines: model, KV capacity, address
+    serve(config, args.host, args.port, args.api_key, args.max_waiting_requests, args.max_body_bytes,
+          args.served_model_name)
+
+
 def _read_template(path: str | None) -> str | None:
     if path is None:
         return None
@@ -159,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             _run_generate(args)
         elif args.command == "bench":
             run_bench(args)
+        elif args.command == "serve":
+            _run_serve(args)
         else:
             _run_chat(args)
     except EmberError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ from ember.engine.scheduler import Scheduler
 from ember.errors import InvalidRequestError
 from ember.loader.model_loader import load_model, resolve_model
 from ember.model_zoo import default_model_path
-from ember.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from ember.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 from ember.worker.kv_cache import KVGroupSpec, PagedKVCache, bytes_per_block
@@ -66,10 +67,15 @@ class LLMEngine:
     # -- public API -------------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt: str | Sequence[int] | TokenizedPrompt, params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | Sequence[int] | TokenizedPrompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
     ) -> None:
         """Queue a prompt (text, token ids, or already processed). Raises InvalidRequestError before
-        changing any state."""
+        changing any state. `arrival_time` (time.monotonic) defaults to now; a server passes when the
+        HTTP request came in, so queue time and TTFT include its wait before reaching the engine."""
         params = params or SamplingParams()
         text, token_ids = prompt if isinstance(prompt, TokenizedPrompt) else self.process_prompt(prompt)
         if request_id in self._requests:
@@ -98,6 +104,7 @@ class LLMEngine:
                 eos_token_ids=self.eos_token_ids,
                 parent_id=request_id,
                 index=index,
+                arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
             )
             if params.logprobs is not None:
                 child.logprobs, child.cumulative_logprob = [], 0.0
@@ -210,6 +217,8 @@ class LLMEngine:
         self._append_token(request, token, result.logprobs[request.request_id], result.logprob_deltas[request.request_id])
 
     def _append_token(self, request: Request, token: int, logprobs: PositionLogprobs | None, delta: float | None) -> None:
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
         request.output_token_ids.append(token)
         if logprobs is not None and request.logprobs is not None:
             for token_id, entry in logprobs.items():
@@ -271,6 +280,12 @@ class LLMEngine:
             outputs=completions,
             finished=finished,
             prompt_logprobs=first.prompt_logprobs,
+            metrics=RequestMetrics(
+                arrival_time=first.arrival_time,
+                first_scheduled_time=first.first_scheduled_time,
+                first_token_time=first.first_token_time,
+                finished_time=time.monotonic() if finished else None,
+            ),
         )
 
     def _completion(self, request: Request) -> CompletionOutput:

@@ -40,6 +40,8 @@ class Request:
     parent_id: str  # the user's request id (differs for the children of n > 1)
     index: int = 0  # which of the parent's n completions this is
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # when it was first admitted (queue time ends)
+    first_token_time: float | None = None
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)

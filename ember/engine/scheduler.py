@@ -9,6 +9,8 @@ goes back to the front of the waiting queue, to be recomputed (prefix caching ma
 
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -135,6 +137,8 @@ class Scheduler:
             self.waiting.popleft()
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             self._add(out, request, num_new)
             budget -= num_new

@@ -1,0 +1,253 @@
+"""`ember serve` driven by the official `openai` client (and raw HTTP for what the client won't send)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from ember import LLM, SamplingParams
+from live_server import LiveServer
+
+API_KEY = "test-key-123"
+PROMPTS = ["The quick brown fox", "def add(a, b):", "Once upon a time", "1, 2, 3, 4,", "Hello, world"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoint_dir) -> str:
+    return checkpoint_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    live = LiveServer("--model", model_dir, "--served-model-name", "tiny", "--api-key", API_KEY)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir) -> LLM:
+    return LLM(model_dir, kv_cache_memory=0.5)
+
+
+def _greedy(llm: LLM, prompts: list[str], max_tokens: int) -> list[str]:
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+    return [o.outputs[0].text for o in outputs]
+
+
+def _wait_idle(server: LiveServer, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.metric("ember:num_requests_running") == 0 and server.metric("ember:num_requests_waiting") == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("server did not become idle")
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_completions_equal_offline_greedy(client, offline):
+    expected = _greedy(offline, PROMPTS, 24)
+    got = client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=24, temperature=0)
+    assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == expected
+    assert got.usage.completion_tokens == 24 * len(PROMPTS)
+    assert got.choices[0].finish_reason == "length"
+
+
+def test_streaming_equals_non_streaming(client, offline):
+    expected = _greedy(offline, [PROMPTS[0]], 20)[0]
+    chunks = list(client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True}
+    ))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 20 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_streaming_and_not(client, offline):
+    messages = [{"role": "user", "content": "Say something."}]
+    tokenizer = offline.get_tokenizer()
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    expected = offline.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].outputs[0].text
+    full = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=16, temperature=0)
+    assert full.choices[0].message.content == expected and full.choices[0].message.role == "assistant"
+    assert full.usage.prompt_tokens == len(prompt_ids)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+
+
+def test_n2_seed_reproducible_and_logprobs(client):
+    args = dict(model="tiny", prompt=PROMPTS[2], max_tokens=12, temperature=1.0, n=2, seed=7, logprobs=3)
+    first = client.completions.create(**args)
+    again = client.completions.create(**args)
+    assert len(first.choices) == 2
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    other = client.completions.create(**{**args, "seed": 8})
+    assert [c.text for c in other.choices] != [c.text for c in first.choices]
+    lp = first.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 12
+    assert all(v <= 0 for v in lp.token_logprobs)
+    # keyed by token text, so tokens that decode alike (partial UTF-8) share an entry
+    for top, chosen in zip(lp.top_logprobs, lp.token_logprobs):
+        assert 1 <= len(top) <= 4 and max(top.values()) >= chosen - 1e-6
+    assert "".join(lp.tokens) == first.choices[0].text
+
+
+def test_chat_logprobs(client):
+    out = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = out.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        # greedy: the chosen token is the most likely one
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5)
+
+
+def test_stop_string(client):
+    free = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0).choices[0].text
+    stop = free[8:11]
+    cut = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == free[: free.index(stop)]
+    streamed = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.text
+
+
+def test_echo_and_token_prompt(client, offline):
+    ids = offline.get_tokenizer().encode(PROMPTS[3])
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0).choices[0].text
+    by_text = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=8, temperature=0, echo=True)
+    assert by_text.choices[0].text == PROMPTS[3] + by_ids
+
+
+def test_tokenize_detokenize(server, offline):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": PROMPTS[0]}, headers=headers).json()
+    assert tokens["tokens"] == offline.get_tokenizer().encode(PROMPTS[0]) and tokens["count"] == len(tokens["tokens"])
+    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}, headers=headers).json()["prompt"]
+    assert text.endswith(PROMPTS[0])
+
+
+def test_32_concurrent_streams(server, offline):
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(32)]
+    expected = _greedy(offline, prompts, 16)
+    aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+    async def one(prompt: str) -> str:
+        stream = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def all_of_them() -> list[str]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    assert asyncio.run(all_of_them()) == expected
+
+
+def test_disconnects_free_every_block(server):
+    _wait_idle(server)
+    assert server.metric("ember:kv_cache_blocks_used") == 0
+
+    async def leave_early(client: httpx.AsyncClient, i: int) -> int:
+        body = {"model": "tiny", "prompt": f"{PROMPTS[i % 5]} {i}", "max_tokens": 400, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        received = 0
+        async with client.stream("POST", server.url + "/v1/completions", json=body,
+                                 headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+            async for line in response.aiter_lines():
+                received += line.startswith("data:")
+                if received == 3:
+                    break  # closing the connection mid-stream
+        return received
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(leave_early(client, i) for i in range(10)))
+
+    assert asyncio.run(run()) == [3] * 10
+    _wait_idle(server)
+    assert server.metric("ember:kv_cache_blocks_used") == 0
+    assert server.metric("ember:generation_tokens_total") > 0
+
+
+def _post(server: LiveServer, path: str, body: object, key: str | None = API_KEY, raw: bytes | None = None) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=content, headers=headers, timeout=60)
+
+
+BAD_REQUESTS = [
+    ("bad json", "/v1/completions", None, b'{"prompt": "x", ', API_KEY, 400),
+    ("wrong type", "/v1/completions", {"prompt": "x", "max_tokens": "5"}, None, API_KEY, 400),
+    ("prompt wrong type", "/v1/completions", {"prompt": 5}, None, API_KEY, 400),
+    ("negative max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": -1}, None, API_KEY, 400),
+    ("temperature < 0", "/v1/completions", {"prompt": "x", "temperature": -0.5}, None, API_KEY, 400),
+    ("top_p > 1", "/v1/completions", {"prompt": "x", "top_p": 1.5}, None, API_KEY, 400),
+    ("huge n", "/v1/completions", {"prompt": "x", "n": 100000}, None, API_KEY, 400),
+    ("prompt over context", "/v1/completions", {"prompt": "hello " * 2000}, None, API_KEY, 400),
+    ("max_tokens over context", "/v1/completions", {"prompt": "x", "max_tokens": 100000}, None, API_KEY, 400),
+    ("token id out of vocab", "/v1/completions", {"prompt": [1, 10**9]}, None, API_KEY, 400),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, None, API_KEY, 400),
+    ("message wrong type", "/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, None, API_KEY, 400),
+    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, None, API_KEY, 404),
+    ("missing api key", "/v1/completions", {"prompt": "x"}, None, None, 401),
+    ("wrong api key", "/v1/completions", {"prompt": "x"}, None, "nope", 401),
+    ("oversized body", "/v1/completions", None, b'{"prompt": "' + b"a" * (5 << 20) + b'"}', API_KEY, 413),
+    ("unknown route", "/v1/nothing", {"prompt": "x"}, None, API_KEY, 404),
+]
+
+
+@pytest.mark.parametrize("name,path,body,raw,key,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_request(server, client, name, path, body, raw, key, status):
+    response = _post(server, path, body, key, raw)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and error["code"] == status
+    # and the server keeps serving
+    assert client.completions.create(model="tiny", prompt="ok", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_unknown_fields_are_ignored(client):
+    out = client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"frobnicate": True})
+    assert out.usage.completion_tokens == 2
+
+
+def test_overload_gets_429_and_admitted_finish(checkpoint_dir):
+    live = LiveServer("--model", checkpoint_dir("llama"), "--max-num-seqs", "1", "--max-waiting-requests", "2")
+    try:
+        async def one(client: httpx.AsyncClient, i: int) -> tuple[int, str | None, dict]:
+            body = {"prompt": f"count {i}", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+            response = await client.post(live.url + "/v1/completions", json=body)
+            return response.status_code, response.headers.get("retry-after"), response.json()
+
+        async def run() -> list[tuple[int, str | None, dict]]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(one(client, i) for i in range(10)))
+
+        results = asyncio.run(run())
+        statuses = [r[0] for r in results]
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 1, statuses
+        assert set(statuses) == {200, 429}
+        for status, retry_after, body in results:
+            if status == 429:
+                assert retry_after is not None and body["error"]["type"] == "rate_limit_error"
+            else:
+                assert body["usage"]["completion_tokens"] == 200
+    finally:
+        live.stop()
