@@ -41,6 +41,7 @@ from ember.kernels.build import load_kernel
 TILE_ROWS = 16  # output rows per 64-byte vector (one int32 lane each)
 ROW_PAD = 64  # rows are padded to this so the kernel always runs whole groups of 4 tiles
 MAX_KERNEL_GROUP = 128
+MIN_TASK_BYTES = 1 << 18  # weight bytes per thread below which the kernel stays on one thread
 
 
 def _kernel_group(group_size: int) -> int:
@@ -235,8 +236,21 @@ def quant_linear_reference(
     return y.to(out_dtype or x.dtype)
 
 
-def quant_linear(
+def quant_linear_dequant(
     x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Dequantize the whole weight to x.dtype, then F.linear (oneDNN GEMM): the large-batch route."""
+    w = unpack(packed).to(x.dtype)
+    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def quant_linear(
+    x: torch.Tensor,
+    packed: Packed,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    precise: bool = True,
 ) -> torch.Tensor:
     """y = x @ W.T (+ bias) for x [..., K] bf16/fp32; y [..., N] in out_dtype (default x.dtype).
     out_dtype=float32 keeps the kernel's fp32 accumulators (logits)."""
@@ -248,7 +262,9 @@ def quant_linear(
     x2 = x.reshape(-1, x.shape[-1])
     mod = quant_module()
     if isinstance(packed, PackedInt4):
-        y = mod.int4_linear(x2, packed.qweight, packed.scales, packed.offsets, bias, packed.out_features, out_dtype == torch.float32)
+        y = mod.int4_linear(x2, packed.qweight, packed.scales, packed.offsets, bias, packed.out_features,
+                            out_dtype == torch.float32, precise, MIN_TASK_BYTES)
     else:
-        y = mod.int8_linear(x2, packed.qweight, packed.scales, bias, packed.out_features, out_dtype == torch.float32)
+        y = mod.int8_linear(x2, packed.qweight, packed.scales, bias, packed.out_features,
+                            out_dtype == torch.float32, precise, MIN_TASK_BYTES)
     return y.view(*x.shape[:-1], packed.out_features).to(out_dtype)

@@ -1,0 +1,120 @@
+"""Weight-only int4/int8 matmul: packing is lossless, the kernel and the fallback match x @ W.T."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.kernels import quant_linear as ql
+
+needs_kernel = pytest.mark.skipif(ql.quant_module() is None, reason="no avx512_vnni CPU or compiler here")
+
+GROUPS = [16, 32, 64, 128, None]  # None: per output channel (g = K)
+
+
+def make_weight(kind: str, n: int, k: int, group: int | None, seed: int = 0):
+    """Random codes and scales -> (packed, exact float64 dequantized weight)."""
+    g = group or k
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.rand(n, k // g, generator=gen) * 0.02 + 1e-3
+    if kind == "int4":
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+        offsets = -scales * torch.randint(0, 16, (n, k // g), generator=gen)
+        w = codes.float() * scales.repeat_interleave(g, 1) + offsets.repeat_interleave(g, 1)  # fp32, as unpack
+        return ql.pack_int4(codes, scales, offsets, g), w.double()
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    w = codes.float() * scales.repeat_interleave(g, 1)
+    return ql.pack_int8(codes, scales, g), w.double()
+
+
+def error_bound(x: torch.Tensor, w: torch.Tensor, gk: int, precise: bool) -> torch.Tensor:
+    """Per-output bound for the kernel: activation quantization error (|e_k| <= group absmax / 32512 in
+    precise mode, / 254 with int8 activations) weighted by |W|, plus fp32 summation error ~ K eps."""
+    m, k = x.shape
+    amax = x.double().abs().view(m, k // gk, gk).amax(-1).repeat_interleave(gk, 1)
+    quant = amax @ w.abs().T / (32512 if precise else 254)
+    return quant + 4 * k * 2.0**-24 * (x.double().abs() @ w.abs().T) + 1e-6
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("group", GROUPS)
+def test_pack_unpack_round_trip_is_exact(kind, group):
+    packed, w = make_weight(kind, 77, 256, group)
+    assert packed.out_features == 77 and packed.in_features == 256
+    assert torch.equal(ql.unpack(packed).double(), w)
+    ids = torch.tensor([0, 76, 15, 16, 63, 64, 5])
+    assert torch.equal(ql.embedding_rows(packed, ids).double(), w[ids])
+    cls = type(packed)
+    again = cls.from_tensors(packed.tensors(), packed.out_features)
+    assert torch.equal(ql.unpack(again), ql.unpack(packed))
+
+
+def test_bytes_per_weight():
+    p4, _ = make_weight("int4", 128, 256, 32)
+    p8, _ = make_weight("int8", 128, 256, 32)
+    assert p4.nbytes() / (128 * 256) == 0.75
+    assert p8.nbytes() / (128 * 256) == 1.125
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("rows", [1, 3, 8, 17, 64, 512])
+def test_kernel_matches_dequantized_matmul(kind, group, rows):
+    n, k = (77, 256) if rows < 512 else (45, 128)
+    packed, w = make_weight(kind, n, k, group, seed=rows)
+    gen = torch.Generator().manual_seed(rows + 1)
+    x = torch.randn(rows, k, generator=gen)
+    x[:, 3] *= 30  # an outlier channel, as real activations have
+    bias = torch.randn(n, generator=gen) if rows % 2 else None
+    ref = x.double() @ w.T + (0 if bias is None else bias.double())
+    for precise in (True, False):
+        y = ql.quant_linear(x, packed, bias, out_dtype=torch.float32, precise=precise)
+        assert y.shape == (rows, n) and y.dtype == torch.float32
+        assert ((y.double() - ref).abs() <= error_bound(x, w, packed.group_size, precise)).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_kernel_bf16_input_and_output(kind):
+    packed, w = make_weight(kind, 130, 640, 32)
+    x = torch.randn(2, 3, 640).bfloat16()
+    y = ql.quant_linear(x, packed)
+    assert y.shape == (2, 3, 130) and y.dtype == torch.bfloat16
+    ref = x.double().reshape(6, 640) @ w.T
+    bound = error_bound(x.reshape(6, 640).float(), w, 32, True) + ref.abs() * 2.0**-8  # bf16 output rounding
+    assert ((y.reshape(6, 130).double() - ref).abs() <= bound).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_fallback_matches_kernel(kind, rows, monkeypatch):
+    packed, w = make_weight(kind, 100, 512, 64)
+    x = torch.randn(rows, 512)
+    bias = torch.randn(100)
+    fast = ql.quant_linear(x, packed, bias, out_dtype=torch.float32)
+    monkeypatch.setattr(ql, "quant_module", lambda: None)
+    assert not ql.uses_kernel(x, packed)
+    slow = ql.quant_linear(x, packed, bias, out_dtype=torch.float32)
+    assert ((fast.double() - slow.double()).abs() <= error_bound(x, w, 64, True)).all()
+    dq = ql.quant_linear_dequant(x, packed, bias)
+    assert torch.allclose(dq, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_is_exact_float32_matmul(monkeypatch):
+    monkeypatch.setattr(ql, "quant_module", lambda: None)
+    packed, w = make_weight("int4", 33, 64, 16)
+    x = torch.randn(4, 64)
+    assert torch.allclose(ql.quant_linear(x, packed).double(), x.double() @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_invalid_inputs_are_rejected():
+    codes = torch.zeros(8, 48, dtype=torch.uint8)
+    with pytest.raises(ValueError):
+        ql.pack_int4(codes, torch.ones(8, 2), torch.ones(8, 2), 24)  # group not a multiple of 16
+    with pytest.raises(ValueError):
+        ql.pack_int8(codes.to(torch.int8), torch.ones(8, 4), 16)  # scales of the wrong shape
+    packed, _ = make_weight("int8", 16, 64, 32)
+    with pytest.raises(ValueError):
+        ql.quant_linear(torch.randn(1, 32), packed)
