@@ -28,18 +28,18 @@ SHAPES = {  # name: (N out, K in)
 }
 
 
-def best_ms(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
+def best_ms(fn: Callable[[], object], repeats: int, budget_s: float, clock: Callable[[], float]) -> float:
     fn()
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
-    once = max(time.perf_counter() - t0, 1e-6)
+    once = max(clock() - t0, 1e-6)
     iters = max(1, int(budget_s / once))
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(iters):
             fn()
-        best = min(best, (time.perf_counter() - t0) / iters)
+        best = min(best, (clock() - t0) / iters)
     return best * 1e3
 
 
@@ -53,6 +53,8 @@ def make_paths(n: int, k: int, g: int) -> dict[str, tuple[Callable[[torch.Tensor
     offsets = -8 * scales
     p4 = ql.pack_int4(codes4, scales, offsets, g)
     p8 = ql.pack_int8(codes8, scales, g)
+    p4h = ql.pack_int4(codes4, scales, offsets, g, torch.float16)
+    p8h = ql.pack_int8(codes8, scales, g, torch.float16)
     paths: dict[str, tuple[Callable[[torch.Tensor], object], int]] = {
         "bf16 F.linear": (lambda x: F.linear(x, w), w.numel() * 2),
     }
@@ -66,7 +68,7 @@ def make_paths(n: int, k: int, g: int) -> dict[str, tuple[Callable[[torch.Tensor
         lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, gt, sz),
         w4.numel() * w4.element_size() + sz.numel() * 2,
     )
-    for name, p in ((f"ember int4 g{g}", p4), (f"ember int8 g{g}", p8)):
+    for name, p in ((f"ember int4 g{g}", p4), (f"ember int8 g{g}", p8), (f"ember int4 g{g} f16s", p4h), (f"ember int8 g{g} f16s", p8h)):
         paths[name] = (lambda x, p=p: ql.quant_linear(x, p), p.nbytes())
         paths[name + " fast"] = (lambda x, p=p: ql.quant_linear(x, p, precise=False), p.nbytes())
     for name, p in ((f"dequant+F.linear int4 g{g}", p4), (f"dequant+F.linear int8 g{g}", p8)):
@@ -81,9 +83,18 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--paths", default="", help="comma-separated substrings selecting paths")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--budget", type=float, default=0.15, help="seconds per repeat")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="with --threads 1: time the thread's CPU time, which ignores time slices lost to other processes",
+    )
     args = ap.parse_args()
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"threads={torch.get_num_threads()}  kernel={'yes' if ql.quant_module() else 'no (fallback)'}")
     print(f"{'shape':>8} {'M':>4} {'path':<28} {'ms':>9} {'GB/s':>7}")
     selected = [s for s in args.paths.split(",") if s]
@@ -97,7 +108,7 @@ def main() -> None:
             for name, (fn, nbytes) in paths.items():
                 if selected and not any(s in name for s in selected):
                     continue
-                ms = best_ms(lambda: fn(x), args.repeats, args.budget)
+                ms = best_ms(lambda: fn(x), args.repeats, args.budget, clock)
                 print(f"{shape:>8} {m:>4} {name:<28} {ms:9.3f} {nbytes / ms / 1e6:7.1f}", flush=True)
 
 

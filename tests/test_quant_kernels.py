@@ -12,19 +12,19 @@ needs_kernel = pytest.mark.skipif(ql.quant_module() is None, reason="no avx512_v
 GROUPS = [16, 32, 64, 128, None]  # None: per output channel (g = K)
 
 
-def make_weight(kind: str, n: int, k: int, group: int | None, seed: int = 0):
+def make_weight(kind: str, n: int, k: int, group: int | None, seed: int = 0, scale_dtype=torch.float32):
     """Random codes and scales -> (packed, exact float64 dequantized weight)."""
     g = group or k
     gen = torch.Generator().manual_seed(seed)
-    scales = torch.rand(n, k // g, generator=gen) * 0.02 + 1e-3
+    scales = (torch.rand(n, k // g, generator=gen) * 0.02 + 1e-3).to(scale_dtype).float()
     if kind == "int4":
         codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
-        offsets = -scales * torch.randint(0, 16, (n, k // g), generator=gen)
+        offsets = (-scales * torch.randint(0, 16, (n, k // g), generator=gen)).to(scale_dtype).float()
         w = codes.float() * scales.repeat_interleave(g, 1) + offsets.repeat_interleave(g, 1)  # fp32, as unpack
-        return ql.pack_int4(codes, scales, offsets, g), w.double()
+        return ql.pack_int4(codes, scales, offsets, g, scale_dtype), w.double()
     codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
     w = codes.float() * scales.repeat_interleave(g, 1)
-    return ql.pack_int8(codes, scales, g), w.double()
+    return ql.pack_int8(codes, scales, g, scale_dtype), w.double()
 
 
 def error_bound(x: torch.Tensor, w: torch.Tensor, gk: int, precise: bool) -> torch.Tensor:
@@ -49,11 +49,33 @@ def test_pack_unpack_round_trip_is_exact(kind, group):
     assert torch.equal(ql.unpack(again), ql.unpack(packed))
 
 
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_float16_scales_round_within_bound(kind):
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (40, 64), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(40, 2, generator=gen) * 0.05 + 1e-3
+    offsets = -scales * 7.3
+    if kind == "int4":
+        exact = ql.unpack(ql.pack_int4(codes, scales, offsets, 32)).double()
+        half = ql.unpack(ql.pack_int4(codes, scales, offsets, 32, torch.float16)).double()
+        bound = (15 * scales.abs() + offsets.abs()).double().repeat_interleave(32, 1) * 2.0**-11
+    else:
+        codes8 = codes.to(torch.int8) - 8
+        exact = ql.unpack(ql.pack_int8(codes8, scales, 32)).double()
+        half = ql.unpack(ql.pack_int8(codes8, scales, 32, torch.float16)).double()
+        bound = 8 * scales.double().repeat_interleave(32, 1) * 2.0**-11
+    assert ((half - exact).abs() <= bound + 1e-7).all()
+    with pytest.raises(ValueError):
+        ql.pack_int8(codes.to(torch.int8), scales * 1e8, 32, torch.float16)  # beyond float16
+
+
 def test_bytes_per_weight():
     p4, _ = make_weight("int4", 128, 256, 32)
     p8, _ = make_weight("int8", 128, 256, 32)
     assert p4.nbytes() / (128 * 256) == 0.75
     assert p8.nbytes() / (128 * 256) == 1.125
+    p4h, _ = make_weight("int4", 128, 256, 32, scale_dtype=torch.float16)
+    assert p4h.nbytes() / (128 * 256) == 0.625
 
 
 @needs_kernel
@@ -76,8 +98,9 @@ def test_kernel_matches_dequantized_matmul(kind, group, rows):
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_kernel_bf16_input_and_output(kind):
-    packed, w = make_weight(kind, 130, 640, 32)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_kernel_bf16_input_and_output(kind, scale_dtype):
+    packed, w = make_weight(kind, 130, 640, 32, scale_dtype=scale_dtype)
     x = torch.randn(2, 3, 640).bfloat16()
     y = ql.quant_linear(x, packed)
     assert y.shape == (2, 3, 130) and y.dtype == torch.bfloat16

@@ -26,8 +26,8 @@ constexpr int kMaxChunk = 8;     // rows of x handled per pass over a weight blo
 
 struct Args {
   const uint8_t* w;     // packed weights
-  const float* scales;  // [T, G, 16]
-  const float* offsets; // [T, G, 16] (int4) or null
+  const void* scales;   // [T, G, 16] float32, or float16 when half_scales
+  const void* offsets;  // [T, G, 16] like scales (int4) or null
   const int8_t* xh;     // [M, K] quantized activations (int8, or +128 as uint8 for int8 weights)
   const int8_t* xl;
   const float* xs;      // [M, G] combined scale of (256 hi + lo)
@@ -35,7 +35,13 @@ struct Args {
   const float* bias;    // [N] or null
   int64_t K, G, gk, N;
   int64_t tile_bytes;   // bytes of one tile of weights
+  bool half_scales;
 };
+
+inline __m512 load_scales(const void* p, bool half, int64_t i) {
+  return half ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)))
+              : _mm512_loadu_ps(static_cast<const float*>(p) + i);
+}
 
 inline __m512i bcast(const int8_t* p) {
   int32_t v;
@@ -95,9 +101,10 @@ inline void tile_kernel(const Args& a, int64_t tile0, int64_t m0, Out* y) {
       }
     }
     for (int t = 0; t < T; ++t) {
-      const __m512 s = _mm512_loadu_ps(a.scales + ((tile0 + t) * G + g) * kTile);
+      const int64_t at = ((tile0 + t) * G + g) * kTile;
+      const __m512 s = load_scales(a.scales, a.half_scales, at);
       __m512 o;
-      if constexpr (INT4) o = _mm512_loadu_ps(a.offsets + ((tile0 + t) * G + g) * kTile);
+      if constexpr (INT4) o = load_scales(a.offsets, a.half_scales, at);
       for (int m = 0; m < M; ++m) {
         __m512i h = hi[t][m], l = lo[t][m];
         if constexpr (!INT4) {
@@ -121,7 +128,7 @@ inline void tile_kernel(const Args& a, int64_t tile0, int64_t m0, Out* y) {
 }
 
 // Few rows of x: spread several tiles over independent accumulators to hide vpdpbusd latency.
-constexpr int tiles_for(int m) { return m == 1 ? 4 : (m <= 4 ? 2 : 1); }
+constexpr int tiles_for(int m) { return m == 1 ? 4 : (m == 2 ? 2 : 1); }  // beyond: registers run out
 
 template <bool INT4, bool PRECISE, int M, typename Out>
 void block_rows(const Args& a, int64_t tile_begin, int64_t tile_end, int64_t m0, Out* y) {
@@ -204,7 +211,9 @@ torch::Tensor quant_linear_impl(bool int4, torch::Tensor x, const torch::Tensor&
                                 int64_t N, bool out_fp32, bool precise, int64_t min_task_bytes) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bf16 or fp32");
-  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == at::kFloat, "bad packed weight");
+  const bool half = scales.scalar_type() == at::kHalf;
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && (half || scales.scalar_type() == at::kFloat),
+              "bad packed weight");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), T = qweight.size(0), G = scales.size(1);
   TORCH_CHECK(qweight.size(1) * (int4 ? 8 : 4) == K && qweight.size(2) == 64, "qweight does not match x");
@@ -231,12 +240,12 @@ torch::Tensor quant_linear_impl(bool int4, torch::Tensor x, const torch::Tensor&
   }
   torch::Tensor off;
   if (int4) {
-    TORCH_CHECK(offsets.has_value() && offsets->sizes() == scales.sizes(), "int4 needs offsets shaped like scales");
+    TORCH_CHECK(offsets.has_value() && offsets->sizes() == scales.sizes() && offsets->scalar_type() == scales.scalar_type(),
+                "int4 needs offsets shaped and typed like scales");
     off = offsets->contiguous();
   }
-  Args a{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<float>(),
-         int4 ? off.data_ptr<float>() : nullptr, xh.data_ptr<int8_t>(), xl.data_ptr<int8_t>(), xs.data_ptr<float>(),
-         xsum_p, b.defined() ? b.data_ptr<float>() : nullptr, K, G, gk, N, qweight.size(1) * 64};
+  Args a{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(), int4 ? off.data_ptr() : nullptr, xh.data_ptr<int8_t>(), xl.data_ptr<int8_t>(), xs.data_ptr<float>(),
+         xsum_p, b.defined() ? b.data_ptr<float>() : nullptr, K, G, gk, N, qweight.size(1) * 64, half};
 
   auto y = torch::empty({M, N}, opts.dtype(out_fp32 ? at::kFloat : at::kBFloat16));
   auto go = [&](auto* yp) {

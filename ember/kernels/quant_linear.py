@@ -64,16 +64,20 @@ def _check(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[
     return n, k, _kernel_group(group_size)
 
 
-def _tile_groups(t: torch.Tensor, n_pad: int, repeat: int) -> torch.Tensor:
-    """[N, G] per-row group values -> float32 [Np/16, G*repeat, 16] (zero for padded rows)."""
+def _tile_groups(t: torch.Tensor, n_pad: int, repeat: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N, G] per-row group values -> dtype [Np/16, G*repeat, 16] (zero for padded rows)."""
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"scale dtype must be float32 or float16, not {dtype}")
     t = t.to(torch.float32).repeat_interleave(repeat, dim=1)
-    t = F.pad(t, (0, 0, 0, n_pad - t.shape[0]))
+    t = F.pad(t, (0, 0, 0, n_pad - t.shape[0])).to(dtype)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"scales/offsets do not fit in {dtype}")
     return t.view(n_pad // TILE_ROWS, TILE_ROWS, -1).transpose(1, 2).contiguous()
 
 
 def _untile_groups(t: torch.Tensor, n: int, group: int) -> torch.Tensor:
     """float32 [Np/16, G, 16] -> [N, K] with each group value repeated over its columns."""
-    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n].repeat_interleave(group, dim=1)
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n].to(torch.float32).repeat_interleave(group, dim=1)
 
 
 def _padded_rows(n: int) -> int:
@@ -139,8 +143,16 @@ class PackedInt8:
 Packed = PackedInt4 | PackedInt8
 
 
-def pack_int4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int) -> PackedInt4:
-    """codes uint8 0..15 [N, K], scales/offsets [N, K//group_size] -> PackedInt4 (W = codes*scale + offset)."""
+def pack_int4(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    group_size: int,
+    scale_dtype: torch.dtype = torch.float32,
+) -> PackedInt4:
+    """codes uint8 0..15 [N, K], scales/offsets [N, K//group_size] -> PackedInt4 (W = codes*scale + offset).
+    scale_dtype float16 saves 4/g bytes per weight at a relative rounding of <= 2^-11 per scale and offset
+    (float32, the default, keeps GGUF-mapped values exact)."""
     n, k, gk = _check(codes, scales, group_size)
     if tuple(offsets.shape) != tuple(scales.shape):
         raise ValueError("offsets must have the shape of scales")
@@ -152,19 +164,22 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, 
     rep = group_size // gk
     return PackedInt4(
         q.reshape(n_pad // TILE_ROWS, k // 8, 64).contiguous(),
-        _tile_groups(scales, n_pad, rep),
-        _tile_groups(offsets, n_pad, rep),
+        _tile_groups(scales, n_pad, rep, scale_dtype),
+        _tile_groups(offsets, n_pad, rep, scale_dtype),
         n,
     )
 
 
-def pack_int8(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> PackedInt8:
-    """codes int8 [N, K], scales [N, K//group_size] -> PackedInt8 (W = codes * scale)."""
+def pack_int8(
+    codes: torch.Tensor, scales: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32
+) -> PackedInt8:
+    """codes int8 [N, K], scales [N, K//group_size] -> PackedInt8 (W = codes * scale); scale_dtype as in
+    pack_int4."""
     n, k, gk = _check(codes, scales, group_size)
     n_pad = _padded_rows(n)
     c = F.pad(codes.to(torch.int8), (0, 0, 0, n_pad - n))
     q = c.view(n_pad // TILE_ROWS, TILE_ROWS, k // 4, 4).permute(0, 2, 1, 3)
-    return PackedInt8(q.reshape(n_pad // TILE_ROWS, k // 4, 64).contiguous(), _tile_groups(scales, n_pad, group_size // gk), n)
+    return PackedInt8(q.reshape(n_pad // TILE_ROWS, k // 4, 64).contiguous(), _tile_groups(scales, n_pad, group_size // gk, scale_dtype), n)
 
 
 def _codes(packed: Packed, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,9 +211,9 @@ def embedding_rows(packed: Packed, ids: torch.Tensor) -> torch.Tensor:
     g = packed.group_size
     tile, lane = ids // TILE_ROWS, ids % TILE_ROWS
     codes = _gather_codes(packed, tile, lane)
-    w = codes * packed.scales[tile, :, lane].repeat_interleave(g, dim=1)
+    w = codes * packed.scales[tile, :, lane].to(torch.float32).repeat_interleave(g, dim=1)
     if isinstance(packed, PackedInt4):
-        w += packed.offsets[tile, :, lane].repeat_interleave(g, dim=1)
+        w += packed.offsets[tile, :, lane].to(torch.float32).repeat_interleave(g, dim=1)
     return w
 
 
