@@ -251,3 +251,38 @@ def test_overload_gets_429_and_admitted_finish(checkpoint_dir):
                 assert body["usage"]["completion_tokens"] == 200
     finally:
         live.stop()
+
+
+def test_bench_serve_against_live_server(server, model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "serve.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "bench", "serve", "--base-url", server.url, "--api-key", API_KEY,
+         "--tokenizer", model_dir, "--dataset", "random", "--num-prompts", "12", "--input-len", "16",
+         "--output-len", "8", "--request-rate", "20", "--max-concurrency", "4", "--save-result", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())["results"]
+    assert results["completed"] == 12 and results["failed"] == 0
+    assert results["total_output_tokens"] == 12 * 8
+    for key in ("ttft", "tpot", "itl", "e2e"):
+        assert results[key]["mean_ms"] > 0 and results[key]["median_ms"] <= results[key]["p99_ms"]
+    assert results["ttft"]["mean_ms"] <= results["e2e"]["mean_ms"]
+    assert "Output token throughput" in run.stdout
+
+
+def test_bench_serve_reports_failures_without_crashing(server, model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "bench", "serve", "--base-url", server.url, "--api-key", "wrong",
+         "--model", "tiny", "--tokenizer", model_dir, "--dataset", "random", "--num-prompts", "3",
+         "--input-len", "8", "--output-len", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Failed requests                              3" in run.stdout and "HTTP 401" in run.stdout
