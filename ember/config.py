@@ -193,6 +193,14 @@ class EngineConfig:
     """Path of a GGUF file or a Hugging Face folder; None means the default model (Gemma 3 270M Q4_K_M)."""
     dtype: str = "auto"
     """Compute dtype: auto (= bfloat16), bfloat16, float16 or float32."""
+    quantization: str = "auto"
+    """Weight quantization. auto: quantized GGUF weights (Q4_K, Q5_0, Q6_K, Q8_0) run as stored (exact
+    int4/int8), ember quantized checkpoints load as saved, float weights stay float; none: dequantize
+    everything to --dtype; or a scheme to quantize every linear layer on load (round-to-nearest): int8
+    (per channel), int4 (groups of 32), or with a group size/option, e.g. int4-g128, int8-g32, int4-pc."""
+    lm_head_quantization: str = "auto"
+    """LM head quantization (with tied embeddings: the embedding table): auto (follow --quantization),
+    none (keep it float, the most accuracy-sensitive layer), or a scheme such as int8."""
     device: str = "cpu"
     """Torch device to run on."""
     max_model_len: int | None = None

@@ -14,7 +14,7 @@ BLOCK_SIZE = 16
 def batch_logits(model: CausalLM, prompts: list[list[int]]) -> list[torch.Tensor]:
     """One flattened forward over all prompts (own blocks each, one layer group); logits at every position."""
     cfg = model.config
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.dtype
     blocks_per_prompt = [-(-len(p) // BLOCK_SIZE) for p in prompts]
     group = KVGroupSpec("all", None, tuple(range(cfg.num_hidden_layers)), sum(blocks_per_prompt) + 1)
     kv = PagedKVCache([group], BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim, dtype, "cpu")

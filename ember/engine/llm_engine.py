@@ -17,6 +17,7 @@ from ember.engine.scheduler import Scheduler
 from ember.errors import InvalidRequestError
 from ember.loader.model_loader import load_model, resolve_model
 from ember.model_zoo import default_model_path
+from ember.quant.config import QuantConfig
 from ember.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -40,13 +41,14 @@ class LLMEngine:
         source = resolve_model(path)
         self.model_config = source.config
         self.dtype = resolve_dtype(config.dtype)
+        quant = QuantConfig.from_settings(config.quantization, config.lm_head_quantization)  # fails before loading
         # A GGUF's tokenizer comes from the file resolve_model already parsed.
         self.tokenizer = (
             Tokenizer.from_gguf(source.gguf_file) if source.gguf_file is not None else Tokenizer.from_pretrained(path)
         )
         self.eos_token_ids = list(dict.fromkeys(self.model_config.eos_token_ids + self.tokenizer.eos_token_ids))
         self.max_model_len = self._max_model_len()
-        model = load_model(source, self.dtype, config.device)
+        model = load_model(source, self.dtype, config.device, quant)
         kv_cache = self._allocate_kv_cache()
         self.kv_manager = KVCacheManager(
             [(spec.num_blocks, spec.window) for spec in kv_cache.groups], config.block_size, config.enable_prefix_caching

@@ -15,7 +15,9 @@ import torch
 from ember.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, RopeConfig
 from ember.errors import CorruptModelError, UnsupportedModelError
 from ember.loader.gguf_file import GGUFFile
+from ember.loader.gguf_native import to_quantized_weight
 from ember.loader.gguf_quants import dequantize
+from ember.quant.scheme import QuantizedWeight
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -125,14 +127,24 @@ def _rope_from_gguf(meta: Any) -> RopeConfig:
     raise UnsupportedModelError(f"GGUF RoPE scaling {scaling!r} is not supported")
 
 
-def iter_gguf_tensors(gguf_file: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 tensor), one tensor at a time (the file stays memory-mapped)."""
+def iter_gguf_tensors(
+    gguf_file: GGUFFile, config: ModelConfig, keep_quantized: bool = True
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """Yield (HF name, tensor), one tensor at a time (the file stays memory-mapped).
+
+    With `keep_quantized`, 2-D quantized tensors come as exact `QuantizedWeight`s (the layers decide
+    whether to keep or dequantize them); everything else as float32.
+    """
     is_llama = config.architecture in ("LlamaForCausalLM", "MistralForCausalLM")
     for tensor in gguf_file.tensors:
         name = _hf_name(tensor.name, config.gemma_norms)
         if name is None:
             continue
-        weights = dequantize(tensor.data, tensor.qtype, tensor.shape)
+        weights: torch.Tensor | QuantizedWeight | None = None
+        if keep_quantized and len(tensor.shape) == 2:
+            weights = to_quantized_weight(tensor.data, tensor.qtype, tensor.shape)
+        if weights is None:
+            weights = dequantize(tensor.data, tensor.qtype, tensor.shape)
         if config.gemma_norms and "norm" in tensor.name:
             weights = weights - 1.0
         if is_llama and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
@@ -158,8 +170,12 @@ def _hf_name(gguf_name: str, gemma: bool) -> str | None:
     return f"model.layers.{layer}.{hf}.{suffix}"
 
 
-def _unpermute_rope_rows(weights: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's per-head row interleave of Q/K (it pairs rows (i, i + d/2) for its RoPE)."""
+def _unpermute_rope_rows(weights: torch.Tensor | QuantizedWeight, heads: int) -> torch.Tensor | QuantizedWeight:
+    """Undo llama.cpp's per-head row interleave of Q/K (it pairs rows (i, i + d/2) for its RoPE).
+    Quantized blocks lie within a row, so a quantized weight's rows move with their scales."""
+    if isinstance(weights, QuantizedWeight):
+        move = lambda t: None if t is None else _unpermute_rope_rows(t, heads)  # noqa: E731
+        return QuantizedWeight(weights.scheme, move(weights.codes), move(weights.scales), move(weights.offsets))
     rows = weights.shape[0]
     half = rows // heads // 2
     return weights.reshape(heads, half, 2, *weights.shape[1:]).transpose(1, 2).reshape(weights.shape)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from ember.config import ModelConfig
-from ember.errors import CorruptModelError, ModelNotFoundError
+from ember.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -25,13 +25,34 @@ def read_json(path: str) -> dict[str, Any]:
 
 
 def model_config_from_folder(folder: str) -> ModelConfig:
-    config = ModelConfig.from_hf_dict(read_json(os.path.join(folder, "config.json")))
+    raw = read_json(os.path.join(folder, "config.json"))
+    if "ember_model_config" in raw:  # an ember checkpoint of a model that had no HF config (a GGUF)
+        from ember.quant.checkpoint import model_config_from_dict
+
+        config = model_config_from_dict(raw["ember_model_config"])
+    else:
+        config = ModelConfig.from_hf_dict(raw)
     generation_path = os.path.join(folder, "generation_config.json")
     if os.path.exists(generation_path):
         eos = read_json(generation_path).get("eos_token_id")
         extra = [eos] if isinstance(eos, int) else list(eos or [])
         config.eos_token_ids = list(dict.fromkeys(config.eos_token_ids + extra))
     return config
+
+
+def quantization_config_of(folder: str) -> dict[str, Any] | None:
+    """The `quantization_config` of an ember quantized checkpoint; None for a float checkpoint.
+    Other producers' formats (GPTQ, AWQ, bitsandbytes exports) are refused by name."""
+    quant = read_json(os.path.join(folder, "config.json")).get("quantization_config")
+    if quant is None:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method != "ember":
+        raise UnsupportedModelError(
+            f"{folder}: checkpoints quantized with {method!r} are not supported; ember loads float checkpoints, "
+            "GGUF files and its own quantized checkpoints (ember quantize / save_quantized)"
+        )
+    return quant
 
 
 def safetensors_files(folder: str) -> list[str]:

@@ -11,8 +11,8 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.errors import CorruptModelError
-from ember.kernels import linear
-from ember.models.layers.linear import Linear
+from ember.models.layers.linear import Linear, VocabEmbedding
+from ember.quant.methods import PackedWeight
 from ember.models.layers.norm import RMSNorm
 from ember.models.layers.rotary import RotaryEmbedding
 
@@ -37,9 +37,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = nn.Module()
-        # _weight skips the random init of a tensor the checkpoint overwrites anyway.
-        embedding = torch.empty(config.vocab_size, config.hidden_size)
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embedding, _freeze=True)
+        self.dtype = torch.get_default_dtype()  # compute dtype (weights may be quantized)
+        # A Linear-like module, so that a tied embedding can be quantized as the LM head it also is.
+        self.model.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(self.make_layer(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=config.gemma_norms)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
@@ -65,8 +65,10 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = linear(hidden, weight, out_dtype=torch.float32)
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.logits(hidden, out_dtype=torch.float32)
+        else:
+            logits = self.lm_head(hidden, out_dtype=torch.float32)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -76,6 +78,8 @@ class CausalLM(nn.Module):
         """Copy checkpoint tensors (HF names) into parameters; every parameter (and shard) must be covered."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
+        # Quantized layers hold no float `weight` parameter; their weight is still expected.
+        params.update({f"{name}.weight": None for name, m in modules.items() if isinstance(m, Linear)})
         expected = {(name, shard) for name in params for shard in range(_num_shards(modules, name))}
         for name, tensor in weights:
             if self.lm_head is None and name.startswith("lm_head."):
@@ -88,7 +92,11 @@ class CausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.load_shard(param_name, tensor, shard)
             else:
+                if not isinstance(tensor, torch.Tensor):  # a quantized value for a float parameter
+                    tensor = tensor.dequantize()
                 _copy_checked(target, params[target], tensor)
+            if isinstance(tensor, PackedWeight):  # a whole fused layer (ember checkpoint): every shard
+                expected.difference_update((target, s) for s in range(_num_shards(modules, target)))
             expected.discard((target, shard))
         if expected:
             names = sorted({name for name, _ in expected})

@@ -32,7 +32,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = torch.device(device)
         self.sampler = Sampler()
-        if model.model.embed_tokens.weight.dtype == torch.bfloat16:
+        if model.dtype == torch.bfloat16:
             gemv_module()  # build (or load) the decode kernel now, not during the first request
 
     @torch.inference_mode()

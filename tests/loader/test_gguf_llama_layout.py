@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from ember.loader.model_loader import load_model, resolve_model
+from ember.quant.config import QuantConfig
 from helpers import batch_logits
 
 
@@ -72,7 +73,7 @@ def test_llama_gguf_matches_transformers(tmp_path):
     _write_gguf(reference, path)
     source = resolve_model(path)
     assert source.config.architecture == "LlamaForCausalLM" and not source.config.tie_word_embeddings
-    model = load_model(source, torch.float32, "cpu")
+    model = load_model(source, torch.float32, "cpu", QuantConfig.from_settings("none"))
     prompts = [[5, 17, 42, 99, 3, 250, 7], [11, 12]]
     for prompt, logits in zip(prompts, batch_logits(model, prompts)):
         with torch.no_grad():

@@ -31,7 +31,7 @@ def models(request):
     folder, name = os.path.split(path)
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     ref_tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return LLM(path, dtype="float32"), reference, ref_tokenizer
+    return LLM(path, dtype="float32", quantization="none"), reference, ref_tokenizer
 
 
 def test_greedy_tokens_and_logits_match_transformers(models):

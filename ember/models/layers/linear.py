@@ -2,7 +2,11 @@
 
 Fusing q/k/v (and gate/up) into one matmul halves the number of small kernels per layer, which matters
 for batch-1 decode where each op costs a dispatch; the checkpoint still stores them separately, so each
-shard is copied into its row range at load time.
+shard is loaded into its row range.
+
+How the weight is stored and multiplied (float, or int4/int8 packed) is the layer's `method`
+(`ember.quant.methods`), chosen per layer by the model's quantization config before loading; model
+code only ever builds plain `Linear`s.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import torch
 from torch import nn
 
 from ember.errors import CorruptModelError
-from ember.kernels import linear
+from ember.quant.methods import LinearMethod, UnquantizedMethod, WeightValue
 
 
 class Linear(nn.Module):
@@ -23,14 +27,26 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.shard_sizes = shard_sizes or [out_features]
         assert sum(self.shard_sizes) == out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.dtype = torch.get_default_dtype()  # float weights and activations (the model dtype)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.method: LinearMethod = UnquantizedMethod()
+        self.method.create_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def set_method(self, method: LinearMethod) -> None:
+        """Switch how the weight is stored (before loading, or when a method resolves to another)."""
+        if "weight" in self._parameters:
+            del self._parameters["weight"]  # the empty float weight was never touched: no memory to free
+        self.method = method
+        method.create_weights(self)
 
-    def load_shard(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
-        """Copy one checkpoint tensor (`weight` or `bias`) into its rows of the stacked parameter."""
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias, out_dtype)
+
+    def load_shard(self, param_name: str, tensor: WeightValue, shard: int = 0) -> None:
+        """Load one checkpoint tensor (`weight` or `bias`) into its rows of the stacked parameter."""
+        if param_name == "weight":
+            self.method.load_shard(self, tensor, shard)
+            return
         param: torch.Tensor = getattr(self, param_name)
         start = sum(self.shard_sizes[:shard])
         rows = self.shard_sizes[shard]
@@ -40,3 +56,26 @@ class Linear(nn.Module):
                 f"tensor for {param_name} shard {shard} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
             )
         target.copy_(tensor)
+
+    def process_weights_after_loading(self) -> None:
+        self.method.process_weights_after_loading(self)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={type(self.method).__name__}"
+
+
+class VocabEmbedding(Linear):
+    """Token embedding table [vocab, hidden]. With tied weights it is also the LM head, so it is a Linear
+    (hidden -> vocab) whose method also serves row lookups: a quantized table dequantizes only the rows
+    looked up."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__(embedding_dim, num_embeddings)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.method.embedding(self, ids)
+
+    def logits(self, hidden: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.method.apply(self, hidden, None, out_dtype)
