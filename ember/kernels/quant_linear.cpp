@@ -23,6 +23,7 @@ namespace {
 constexpr int kTile = 16;        // output rows per vector
 constexpr int kBlockTiles = 4;   // rows are padded to 64 = one parallel work item
 constexpr int kMaxChunk = 8;     // rows of x handled per pass over a weight block
+constexpr int kPreciseChunk = 4; // precise mode holds two int32 accumulators per row: 4 rows fit 32 registers
 
 struct Args {
   const uint8_t* w;     // packed weights
@@ -127,8 +128,9 @@ inline void tile_kernel(const Args& a, int64_t tile0, int64_t m0, Out* y) {
   }
 }
 
-// Few rows of x: spread several tiles over independent accumulators to hide vpdpbusd latency.
-constexpr int tiles_for(int m) { return m == 1 ? 4 : (m == 2 ? 2 : 1); }  // beyond: registers run out
+// One tile at a time: the int32 accumulators restart every group, so out-of-order execution already
+// overlaps consecutive groups; interleaving 2 or 4 tiles measured 10-40% slower (register copies, spills).
+constexpr int tiles_for(int) { return 1; }
 
 template <bool INT4, bool PRECISE, int M, typename Out>
 void block_rows(const Args& a, int64_t tile_begin, int64_t tile_end, int64_t m0, Out* y) {
@@ -161,8 +163,9 @@ void run(const Args& a, int64_t M, Out* y, int64_t min_task_bytes) {
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t s0 = b0; s0 < b1; s0 += super) {
       const int64_t s1 = std::min(b1, s0 + super);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxChunk)
-        chunk<INT4, PRECISE, Out>(a, s0 * kBlockTiles, s1 * kBlockTiles, m0, std::min<int64_t>(kMaxChunk, M - m0), y);
+      constexpr int64_t step = PRECISE ? kPreciseChunk : kMaxChunk;
+      for (int64_t m0 = 0; m0 < M; m0 += step)
+        chunk<INT4, PRECISE, Out>(a, s0 * kBlockTiles, s1 * kBlockTiles, m0, std::min<int64_t>(step, M - m0), y);
     }
   });
 }

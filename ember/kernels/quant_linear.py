@@ -41,6 +41,7 @@ from ember.kernels.build import load_kernel
 TILE_ROWS = 16  # output rows per 64-byte vector (one int32 lane each)
 ROW_PAD = 64  # rows are padded to this so the kernel always runs whole groups of 4 tiles
 MAX_KERNEL_GROUP = 128
+PRECISE_MAX_ROWS = 4  # default activation precision switch (see quant_linear)
 MIN_TASK_BYTES = 1 << 18  # weight bytes per thread below which the kernel stays on one thread
 
 
@@ -265,16 +266,20 @@ def quant_linear(
     packed: Packed,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-    precise: bool = True,
+    precise: bool | None = None,
 ) -> torch.Tensor:
     """y = x @ W.T (+ bias) for x [..., K] bf16/fp32; y [..., N] in out_dtype (default x.dtype).
-    out_dtype=float32 keeps the kernel's fp32 accumulators (logits)."""
+    out_dtype=float32 keeps the kernel's fp32 accumulators (logits). precise: two-part (~16-bit)
+    activations (True) or int8 activations (False); None picks precise up to PRECISE_MAX_ROWS rows, where
+    it is free (memory-bound), and int8 activations beyond, where it costs 1.5-2x compute."""
     if x.shape[-1] != packed.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {packed.in_features}")
     if not uses_kernel(x, packed):
         return quant_linear_reference(x, packed, bias, out_dtype)
     out_dtype = out_dtype or x.dtype
     x2 = x.reshape(-1, x.shape[-1])
+    if precise is None:
+        precise = x2.shape[0] <= PRECISE_MAX_ROWS
     mod = quant_module()
     if isinstance(packed, PackedInt4):
         y = mod.int4_linear(x2, packed.qweight, packed.scales, packed.offsets, bias, packed.out_features,
