@@ -225,16 +225,19 @@ torch::Tensor quant_linear_impl(bool int4, torch::Tensor x, const torch::Tensor&
   TORCH_CHECK(gk % 16 == 0 && gk <= 128, "kernel group must be a multiple of 16, at most 128");
 
   auto opts = x.options();
-  auto xh = torch::empty({M, K}, opts.dtype(at::kChar));
-  auto xl = torch::empty({M, K}, opts.dtype(at::kChar));
-  auto xs = torch::empty({M, G}, opts.dtype(at::kFloat));
-  auto xsum = int4 ? torch::empty({M, G}, opts.dtype(at::kFloat)) : torch::Tensor();
-  float* xsum_p = int4 ? xsum.data_ptr<float>() : nullptr;
+  // One scratch allocation for the quantized activations: [M, K] hi, [M, K] lo, [M, G] scales and sums.
+  const int64_t mk = (M * K + 63) / 64 * 64;
+  auto scratch = torch::empty({2 * mk + 8 * M * G}, opts.dtype(at::kByte));
+  int8_t* xh = reinterpret_cast<int8_t*>(scratch.data_ptr<uint8_t>());
+  int8_t* xl = xh + mk;
+  float* xs = reinterpret_cast<float*>(xl + mk);
+  float* xsum_p = int4 ? xs + M * G : nullptr;
   if (x.scalar_type() == at::kFloat)
-    quantize_rows(x.data_ptr<float>(), M, K, gk, !int4, xh.data_ptr<int8_t>(), xl.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum_p);
+    quantize_rows(x.data_ptr<float>(), M, K, gk, !int4, xh, xl, xs, xsum_p);
   else
-    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, gk, !int4, xh.data_ptr<int8_t>(), xl.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum_p);
-  if (!precise) xs.mul_(256.f);  // hi alone then stands for x / (256 xs)
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, gk, !int4, xh, xl, xs, xsum_p);
+  if (!precise)  // hi alone then stands for x / (256 xs)
+    for (int64_t i = 0; i < M * G; ++i) xs[i] *= 256.f;
 
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -247,8 +250,8 @@ torch::Tensor quant_linear_impl(bool int4, torch::Tensor x, const torch::Tensor&
                 "int4 needs offsets shaped and typed like scales");
     off = offsets->contiguous();
   }
-  Args a{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(), int4 ? off.data_ptr() : nullptr, xh.data_ptr<int8_t>(), xl.data_ptr<int8_t>(), xs.data_ptr<float>(),
-         xsum_p, b.defined() ? b.data_ptr<float>() : nullptr, K, G, gk, N, qweight.size(1) * 64, half};
+  Args a{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(), int4 ? off.data_ptr() : nullptr,
+         xh, xl, xs, xsum_p, b.defined() ? b.data_ptr<float>() : nullptr, K, G, gk, N, qweight.size(1) * 64, half};
 
   auto y = torch::empty({M, N}, opts.dtype(out_fp32 ? at::kFloat : at::kBFloat16));
   auto go = [&](auto* yp) {

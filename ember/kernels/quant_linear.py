@@ -233,11 +233,14 @@ def quant_module() -> ModuleType | None:
     return load_kernel("quant_linear", "avx512_vnni")
 
 
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
 def uses_kernel(x: torch.Tensor, packed: Packed) -> bool:
     return (
-        x.device.type == "cpu"
-        and packed.qweight.device.type == "cpu"
-        and x.dtype in (torch.bfloat16, torch.float32)
+        x.is_cpu
+        and packed.qweight.is_cpu
+        and x.dtype in _KERNEL_DTYPES
         and x.numel() > 0
         and quant_module() is not None
     )
@@ -272,19 +275,23 @@ def quant_linear(
     out_dtype=float32 keeps the kernel's fp32 accumulators (logits). precise: two-part (~16-bit)
     activations (True) or int8 activations (False); None picks precise up to PRECISE_MAX_ROWS rows, where
     it is free (memory-bound), and int8 activations beyond, where it costs 1.5-2x compute."""
+    # This runs ~70 times per decoded token: keep the Python path short (it costs more than a small GEMV).
     if x.shape[-1] != packed.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {packed.in_features}")
     if not uses_kernel(x, packed):
         return quant_linear_reference(x, packed, bias, out_dtype)
-    out_dtype = out_dtype or x.dtype
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if precise is None:
         precise = x2.shape[0] <= PRECISE_MAX_ROWS
-    mod = quant_module()
-    if isinstance(packed, PackedInt4):
-        y = mod.int4_linear(x2, packed.qweight, packed.scales, packed.offsets, bias, packed.out_features,
-                            out_dtype == torch.float32, precise, MIN_TASK_BYTES)
+    out_fp32 = out_dtype == torch.float32 or (out_dtype is None and x.dtype == torch.float32)
+    if type(packed) is PackedInt4:
+        y = quant_module().int4_linear(
+            x2, packed.qweight, packed.scales, packed.offsets, bias, packed.out_features, out_fp32, precise, MIN_TASK_BYTES
+        )
     else:
-        y = mod.int8_linear(x2, packed.qweight, packed.scales, bias, packed.out_features,
-                            out_dtype == torch.float32, precise, MIN_TASK_BYTES)
-    return y.view(*x.shape[:-1], packed.out_features).to(out_dtype)
+        y = quant_module().int8_linear(
+            x2, packed.qweight, packed.scales, bias, packed.out_features, out_fp32, precise, MIN_TASK_BYTES
+        )
+    if x2 is not x:
+        y = y.view(*x.shape[:-1], packed.out_features)
+    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
