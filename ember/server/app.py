@@ -197,7 +197,7 @@ async def _abort_on_disconnect(work: Awaitable[Any], request: Request) -> Any:
     """Await `work`, cancelling it (which aborts its engine requests) if the client goes away first."""
     task = asyncio.ensure_future(work)
     while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
+        done, _ = await asyncio.wait({task}, timeout=0.1)
         if done:
             return task.result()
         if await request.is_disconnected():

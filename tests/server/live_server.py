@@ -44,11 +44,14 @@ class LiveServer:
         with open(self.log_path) as f:
             return f.read()
 
-    def metric(self, name: str) -> float:
-        """The value of an unlabelled-or-single-series metric from /metrics."""
+    def metric(self, name: str, default: float | None = None) -> float:
+        """The value of the first series of /metrics whose name (and, if given, leading labels) match:
+        `metric("ember:num_requests_running")`, `metric('ember:request_success_total{finished_reason="length"')`."""
         for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
+            if line.startswith(name) and line[len(name)] in "{ ,":
                 return float(line.rsplit(" ", 1)[1])
+        if default is not None:
+            return default
         raise KeyError(name)
 
     def stop(self) -> None:

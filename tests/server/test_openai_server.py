@@ -286,3 +286,16 @@ def test_bench_serve_reports_failures_without_crashing(server, model_dir, tmp_pa
     )
     assert run.returncode == 0, run.stderr
     assert "Failed requests                              3" in run.stdout and "HTTP 401" in run.stdout
+
+
+def test_non_streaming_disconnect_aborts(server):
+    _wait_idle(server)
+    length_finished = server.metric('ember:request_success_total{finished_reason="length"', default=0)
+    body = {"model": "tiny", "prompt": "long one", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.3)
+    time.sleep(0.2)
+    _wait_idle(server)
+    assert server.metric("ember:kv_cache_blocks_used") == 0
+    # it was aborted, not run to its end
+    assert server.metric('ember:request_success_total{finished_reason="length"', default=0) == length_finished
