@@ -14,6 +14,8 @@ import textwrap
 from typing import Any
 
 from ember.benchmark import add_bench_parser, run_bench
+from ember.eval.cli import add_eval_parser
+from ember.quant.cli import add_quantize_parser
 from ember.config import EngineConfig
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default: 4 MiB)")
     serve.add_argument("--verbose", action="store_true", help="log engine details to stderr")
     add_bench_parser(commands)
+    add_eval_parser(commands)
+    add_quantize_parser(commands)
     return parser
 
 
@@ -183,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(args)
         elif args.command == "serve":
             _run_serve(args)
+        elif args.command in ("eval", "quantize"):
+            args.handler(args)
         else:
             _run_chat(args)
     except EmberError as e:

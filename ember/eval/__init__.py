@@ -1,0 +1,1 @@
+"""Model quality tools: perplexity and KL divergence (`ember eval ...`)."""
