@@ -18,6 +18,7 @@ import ember  # noqa: F401  (OpenMP wait policy before torch loads)
 import torch
 import torch.nn.functional as F
 
+from ember.kernels import gemv
 from ember.kernels import quant_linear as ql
 
 SHAPES = {  # name: (N out, K in)
@@ -87,11 +88,14 @@ def make_paths(n: int, k: int, g: int) -> dict[str, tuple[Callable[[torch.Tensor
         lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, gt, sz),
         w4.numel() * w4.element_size() + sz.numel() * 2,
     )
+    paths["ember bf16 gemv (M<=8)"] = (lambda x: gemv.linear(x, w), w.numel() * 2)
+    # precise: two-part activations; i8act: int8 activations. The default picks precise up to 4 rows.
     for name, p in ((f"ember int4 g{g}", p4), (f"ember int8 g{g}", p8), (f"ember int4 g{g} f16s", p4h), (f"ember int8 g{g} f16s", p8h)):
-        paths[name] = (lambda x, p=p: ql.quant_linear(x, p), p.nbytes())
-        paths[name + " fast"] = (lambda x, p=p: ql.quant_linear(x, p, precise=False), p.nbytes())
-    for name, p in ((f"dequant+F.linear int4 g{g}", p4), (f"dequant+F.linear int8 g{g}", p8)):
-        paths[name] = (lambda x, p=p: ql.quant_linear_dequant(x, p), p.nbytes())
+        paths[name + " precise"] = (lambda x, p=p: ql.quant_linear(x, p, precise=True), p.nbytes())
+        paths[name + " i8act"] = (lambda x, p=p: ql.quant_linear(x, p, precise=False), p.nbytes())
+    if n * k < 10_000_000:  # the PyTorch dequantization of the LM head alone takes seconds
+        for name, p in ((f"dequant+F.linear int4 g{g}", p4), (f"dequant+F.linear int8 g{g}", p8)):
+            paths[name] = (lambda x, p=p: ql.quant_linear_dequant(x, p), p.nbytes())
     return paths
 
 

@@ -69,6 +69,15 @@ def test_float16_scales_round_within_bound(kind):
         ql.pack_int8(codes.to(torch.int8), scales * 1e8, 32, torch.float16)  # beyond float16
 
 
+def test_scales_are_float16_only_when_lossless():
+    codes = torch.randint(-128, 128, (16, 64), dtype=torch.int8)
+    q8_0 = torch.rand(16, 2).half().float()  # GGUF Q8_0: float16 d
+    assert ql.pack_int8(codes, q8_0, 32).scales.dtype == torch.float16
+    q6_k = q8_0 * torch.randint(1, 64, (16, 2))  # d * sc: needs float32
+    assert ql.pack_int8(codes, q6_k, 32).scales.dtype == torch.float32
+    assert torch.equal(ql.unpack(ql.pack_int8(codes, q6_k, 32)), codes.float() * q6_k.repeat_interleave(32, 1))
+
+
 def test_bytes_per_weight():
     p4, _ = make_weight("int4", 128, 256, 32)
     p8, _ = make_weight("int8", 128, 256, 32)

@@ -13,12 +13,13 @@ so the PyTorch fallback and checkpoints use the same tensors):
   * int4: qweight uint8 [Np/16, K/8, 64]; byte 4r+j holds row r's k=8i+j (low nibble) and k=8i+4+j
     (high nibble), so one load + and/shift yields the two 64-byte vectors for k-steps 8i and 8i+4.
   * int8: qweight int8 [Np/16, K/4, 64]; byte 4r+j is row r's k=4i+j.
-  * scales (and int4 offsets) float32 [Np/16, K/gk, 16]: one 64-byte load per tile per group.
-    fp32 keeps the GGUF mappings exact (Q4_K d*sc and dmin*m, Q6_K d*sc are exact fp32 products).
+  * scales (and int4 offsets) [Np/16, K/gk, 16]: one load per tile per group; float16 when every value
+    is exactly a float16 (GGUF Q8_0/Q5_0/Q4_0: d is float16), else float32, which keeps Q4_K's d*sc and
+    dmin*m and Q6_K's d*sc exact. float16 can be forced (relative rounding <= 2^-11, tested).
   * gk, the kernel group, is g for g <= 128; larger groups (per-channel) are split into gk = the largest
     of 128/64/32/16 dividing g, with the scale repeated, so int32 accumulators never overflow.
-  Bytes per weight: int4 0.5 + 8/gk (g=32: 0.75, g=64: 0.625, g=128: 0.5625);
-                    int8 1 + 4/gk  (g=16: 1.25, g=32: 1.125, g=128: 1.03125).
+  Bytes per weight: int4 0.5 + 8/gk fp32 (g=32: 0.75, g=128: 0.5625), 0.5 + 4/gk fp16 (g=32: 0.625);
+                    int8 1 + 4/gk fp32 (g=16: 1.25, g=32: 1.125), 1 + 2/gk fp16 (Q8_0 g=32: 1.0625).
 
 Kernel (quant_linear.cpp, AVX-512 VNNI): activations are quantized per row and per group to int8 in two
 parts, x ~= xs * (hi + lo/256), so the products are exact integer dot products and the result carries
@@ -65,6 +66,17 @@ def _check(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[
     return n, k, _kernel_group(group_size)
 
 
+def _scale_dtype(requested: torch.dtype | None, *values: torch.Tensor) -> torch.dtype:
+    """None: float16 when every value is exactly a float16 (GGUF Q8_0/Q5_0/Q4_0 scales are), else float32."""
+    if requested is not None:
+        return requested
+    for v in values:
+        v = v.to(torch.float32)
+        if not torch.equal(v.to(torch.float16).to(torch.float32), v):
+            return torch.float32
+    return torch.float16
+
+
 def _tile_groups(t: torch.Tensor, n_pad: int, repeat: int, dtype: torch.dtype) -> torch.Tensor:
     """[N, G] per-row group values -> dtype [Np/16, G*repeat, 16] (zero for padded rows)."""
     if dtype not in (torch.float32, torch.float16):
@@ -90,8 +102,8 @@ class PackedInt4:
     """int4 asymmetric weight in the kernel layout (see the module docstring)."""
 
     qweight: torch.Tensor  # uint8 [Np/16, K/8, 64]
-    scales: torch.Tensor  # float32 [Np/16, K/gk, 16]
-    offsets: torch.Tensor  # float32 [Np/16, K/gk, 16]
+    scales: torch.Tensor  # float32 or float16 [Np/16, K/gk, 16]
+    offsets: torch.Tensor  # like scales
     out_features: int  # N (rows beyond it are padding)
 
     @property
@@ -119,7 +131,7 @@ class PackedInt8:
     """int8 symmetric weight in the kernel layout (see the module docstring)."""
 
     qweight: torch.Tensor  # int8 [Np/16, K/4, 64]
-    scales: torch.Tensor  # float32 [Np/16, K/gk, 16]
+    scales: torch.Tensor  # float32 or float16 [Np/16, K/gk, 16]
     out_features: int
 
     @property
@@ -149,11 +161,11 @@ def pack_int4(
     scales: torch.Tensor,
     offsets: torch.Tensor,
     group_size: int,
-    scale_dtype: torch.dtype = torch.float32,
+    scale_dtype: torch.dtype | None = None,
 ) -> PackedInt4:
     """codes uint8 0..15 [N, K], scales/offsets [N, K//group_size] -> PackedInt4 (W = codes*scale + offset).
-    scale_dtype float16 saves 4/g bytes per weight at a relative rounding of <= 2^-11 per scale and offset
-    (float32, the default, keeps GGUF-mapped values exact)."""
+    scale_dtype: None (default) stores float16 when that is lossless, else float32 (exact: Q4_K's d*sc and
+    Q6_K's d*sc need it); float16 forced saves 4/g bytes per weight at a relative rounding <= 2^-11."""
     n, k, gk = _check(codes, scales, group_size)
     if tuple(offsets.shape) != tuple(scales.shape):
         raise ValueError("offsets must have the shape of scales")
@@ -163,6 +175,7 @@ def pack_int4(
     c = c.view(n_pad // TILE_ROWS, TILE_ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
     q = (c[..., 0, :] & 0xF) | ((c[..., 1, :] & 0xF) << 4)
     rep = group_size // gk
+    scale_dtype = _scale_dtype(scale_dtype, scales, offsets)
     return PackedInt4(
         q.reshape(n_pad // TILE_ROWS, k // 8, 64).contiguous(),
         _tile_groups(scales, n_pad, rep, scale_dtype),
@@ -172,12 +185,13 @@ def pack_int4(
 
 
 def pack_int8(
-    codes: torch.Tensor, scales: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32
+    codes: torch.Tensor, scales: torch.Tensor, group_size: int, scale_dtype: torch.dtype | None = None
 ) -> PackedInt8:
     """codes int8 [N, K], scales [N, K//group_size] -> PackedInt8 (W = codes * scale); scale_dtype as in
     pack_int4."""
     n, k, gk = _check(codes, scales, group_size)
     n_pad = _padded_rows(n)
+    scale_dtype = _scale_dtype(scale_dtype, scales)
     c = F.pad(codes.to(torch.int8), (0, 0, 0, n_pad - n))
     q = c.view(n_pad // TILE_ROWS, TILE_ROWS, k // 4, 4).permute(0, 2, 1, 3)
     return PackedInt8(q.reshape(n_pad // TILE_ROWS, k // 4, 64).contiguous(), _tile_groups(scales, n_pad, group_size // gk, scale_dtype), n)
