@@ -7,6 +7,7 @@ from a GGUF's vocabulary (`ember.loader.gguf_tokenizer`) or read from a Hugging 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,7 @@ class Tokenizer:
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.all_special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         self._templates: dict[str, jinja2.Template] = {}
+        self._byte_level: bool | None = None  # decoder kind, looked up on first token_bytes()
 
     @property
     def eos_token_id(self) -> int | None:
@@ -99,6 +101,24 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (a byte-fallback or byte-level token may be part of a
+        character, which `decode([token_id])` shows as U+FFFD): OpenAI's logprobs `bytes` field."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self.all_special_ids:
+            return piece.encode()
+        if self._byte_level is None:
+            decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+            self._byte_level = "ByteLevel" in json.dumps(decoder)
+        if self._byte_level:
+            table = _unicode_to_byte()
+            return bytes(table[c] for c in piece if c in table)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
         return [self.backend.id_to_token(i) for i in ids]
@@ -170,6 +190,20 @@ def _compile_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise InvalidRequestError(f"the chat template is not valid jinja2: {e}") from e
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """Byte-level BPE writes each byte as a printable character: printable ASCII and Latin-1 bytes stand
+    for themselves, the other 68 bytes take the code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 def _read_json(path: str) -> dict:

@@ -119,6 +119,13 @@ def _stream(tok: Tokenizer, prompt: list[int], ids: list[int], skip: bool = True
     return deltas
 
 
+def test_token_bytes_concatenate_to_the_text(pair) -> None:
+    _, tok, _ = pair
+    for text in make_texts(200, seed=7):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert b"".join(tok.token_bytes(i) for i in ids).decode("utf-8") == tok.decode(ids, skip_special_tokens=False), text
+
+
 def test_streaming_matches_full_decode(pair) -> None:
     name, tok, _ = pair
     prompt = tok.encode("Answer briefly: ")

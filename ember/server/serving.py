@@ -272,8 +272,7 @@ class OpenAIServing:
         return {"content": content}
 
     def _chat_token(self, token_id: int, logprob: float | None) -> Json:
-        text = self._token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": self._token_text(token_id), "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token_id))}
 
 
 def _empty_legacy() -> Json:
