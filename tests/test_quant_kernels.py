@@ -152,3 +152,56 @@ def test_invalid_inputs_are_rejected():
     packed, _ = make_weight("int8", 16, 64, 32)
     with pytest.raises(ValueError):
         ql.quant_linear(torch.randn(1, 32), packed)
+
+
+def k_quant_like(kind: str, n: int, k: int, seed: int = 0):
+    """GGUF K-quant-style scales: per 256 columns a float16 d, per group an integer multiplier
+    (Q4_K: 6-bit scales and mins, g=32; Q6_K: int8 scales reaching -128, g=16)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = 32 if kind == "int4" else 16
+    per = 256 // g
+
+    def factored(lo: int, hi: int, top: int, sign: float) -> torch.Tensor:
+        d = (torch.rand(n, k // 256, 1, generator=gen) * 0.01 * sign).half().float()
+        mult = torch.randint(lo, hi + 1, (n, k // 256, per), generator=gen)
+        mult[:, :, 0] = top  # the quantizer maps the largest value to the end of the range
+        return (d * mult).flatten(1)
+
+    if kind == "int4":
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+        scales, offsets = factored(0, 63, 63, 1.0), factored(0, 63, 63, -1.0)
+        return codes, scales, offsets, g
+    codes = torch.randint(-32, 32, (n, k), dtype=torch.int8, generator=gen)
+    return codes, factored(-128, 127, -128, -1.0), None, g
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_k_quant_scales_are_stored_compactly_and_exactly(kind):
+    codes, scales, offsets, g = k_quant_like(kind, 77, 512)
+    if kind == "int4":
+        packed = ql.pack_int4(codes, scales, offsets, g)
+        w = codes.float() * scales.repeat_interleave(g, 1) + offsets.repeat_interleave(g, 1)
+        assert packed.offsets.dtype == torch.int8 and packed.offset_d is not None
+    else:
+        packed = ql.pack_int8(codes, scales, g)
+        w = codes.float() * scales.repeat_interleave(g, 1)
+    assert packed.scales.dtype == torch.int8 and packed.scale_d.dtype == torch.float32
+    assert torch.equal(ql.unpack(packed), w)
+    ids = torch.tensor([3, 76, 0])
+    assert torch.equal(ql.embedding_rows(packed, ids), w[ids])
+    again = type(packed).from_tensors(packed.tensors(), 77)
+    assert torch.equal(ql.unpack(again), w)
+    bytes_per_weight = packed.nbytes() / (128 * 512)  # rows padded to 128
+    assert bytes_per_weight == (0.5 + 2 / 32 + 8 / 256 if kind == "int4" else 1 + 1 / 16 + 4 / 256)
+    if ql.quant_module() is not None:
+        x = torch.randn(3, 512)
+        y = ql.quant_linear(x, packed, out_dtype=torch.float32, precise=True)
+        assert ((y.double() - x.double() @ w.double().T).abs() <= error_bound(x, w.double(), g, True)).all()
+
+
+def test_scales_that_do_not_factor_stay_float():
+    codes, scales, offsets, g = k_quant_like("int4", 16, 256)
+    scales[3, 2] *= 1.0001  # no longer d * integer
+    packed = ql.pack_int4(codes, scales, offsets, g)
+    assert packed.scales.dtype == torch.float32 and packed.scale_d is None
+    assert torch.equal(ql.unpack(packed), codes.float() * scales.repeat_interleave(g, 1) + offsets.repeat_interleave(g, 1))

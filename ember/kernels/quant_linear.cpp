@@ -27,8 +27,10 @@ constexpr int kPreciseChunk = 4; // precise mode holds two int32 accumulators pe
 
 struct Args {
   const uint8_t* w;     // packed weights
-  const void* scales;   // [T, G, 16] float32, or float16 when half_scales
+  const void* scales;   // [T, G, 16] float32, float16, or int8 multipliers of scale_d
   const void* offsets;  // [T, G, 16] like scales (int4) or null
+  const float* scale_d; // [T, G/S, 16] super-block factors when scales are int8 (GGUF K-quants), else null
+  const float* offset_d;
   const int8_t* xh;     // [M, K] quantized activations (int8, or +128 as uint8 for int8 weights)
   const int8_t* xl;
   const float* xs;      // [M, G] combined scale of (256 hi + lo)
@@ -36,12 +38,17 @@ struct Args {
   const float* bias;    // [N] or null
   int64_t K, G, gk, N;
   int64_t tile_bytes;   // bytes of one tile of weights
-  bool half_scales;
+  int scale_kind;       // 0 float32, 1 float16, 2 int8 x super-block float32
+  int64_t super_groups; // S: groups per super-block (scale_kind 2)
 };
 
-inline __m512 load_scales(const void* p, bool half, int64_t i) {
-  return half ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)))
-              : _mm512_loadu_ps(static_cast<const float*>(p) + i);
+// The 16 rows' scale for one group; i = (tile * G + g) * 16.
+inline __m512 load_scales(const Args& a, const void* p, const float* d, int64_t i) {
+  if (a.scale_kind == 0) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  if (a.scale_kind == 1)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)));
+  const __m512 mult = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(p) + i))));
+  return _mm512_mul_ps(mult, _mm512_loadu_ps(d + i / kTile / a.super_groups * kTile));
 }
 
 inline __m512i bcast(const int8_t* p) {
@@ -103,9 +110,9 @@ inline void tile_kernel(const Args& a, int64_t tile0, int64_t m0, Out* y) {
     }
     for (int t = 0; t < T; ++t) {
       const int64_t at = ((tile0 + t) * G + g) * kTile;
-      const __m512 s = load_scales(a.scales, a.half_scales, at);
+      const __m512 s = load_scales(a, a.scales, a.scale_d, at);
       __m512 o;
-      if constexpr (INT4) o = load_scales(a.offsets, a.half_scales, at);
+      if constexpr (INT4) o = load_scales(a, a.offsets, a.offset_d, at);
       for (int m = 0; m < M; ++m) {
         __m512i h = hi[t][m], l = lo[t][m];
         if constexpr (!INT4) {
@@ -209,14 +216,28 @@ void quantize_rows(const In* x, int64_t M, int64_t K, int64_t gk, bool to_unsign
   });
 }
 
+// Super-block factors of int8 scales: float32 [T, G/S, 16]; returns S.
+int64_t check_super(const torch::Tensor& scales, const c10::optional<torch::Tensor>& d) {
+  TORCH_CHECK(d.has_value() && d->defined() && d->scalar_type() == at::kFloat && d->is_contiguous() && d->dim() == 3 &&
+                  d->size(0) == scales.size(0) && d->size(1) > 0 && scales.size(1) % d->size(1) == 0,
+              "int8 scales need float32 super-block factors [T, G/S, 16]");
+  return scales.size(1) / d->size(1);
+}
+
 torch::Tensor quant_linear_impl(bool int4, torch::Tensor x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                                const c10::optional<torch::Tensor>& offsets, const c10::optional<torch::Tensor>& bias,
+                                const c10::optional<torch::Tensor>& offsets, const c10::optional<torch::Tensor>& scale_d,
+                                const c10::optional<torch::Tensor>& offset_d, const c10::optional<torch::Tensor>& bias,
                                 int64_t N, bool out_fp32, bool precise, int64_t min_task_bytes) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bf16 or fp32");
-  const bool half = scales.scalar_type() == at::kHalf;
-  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && (half || scales.scalar_type() == at::kFloat),
-              "bad packed weight");
+  const auto st = scales.scalar_type();
+  const int scale_kind = st == at::kFloat ? 0 : st == at::kHalf ? 1 : st == at::kChar ? 2 : -1;
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && scale_kind >= 0, "bad packed weight");
+  int64_t super_groups = 1;
+  if (scale_kind == 2) {
+    super_groups = check_super(scales, scale_d);
+    if (int4) TORCH_CHECK(check_super(scales, offset_d) == super_groups, "offset factors must match scale factors");
+  }
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), T = qweight.size(0), G = scales.size(1);
   TORCH_CHECK(qweight.size(1) * (int4 ? 8 : 4) == K && qweight.size(2) == 64, "qweight does not match x");
@@ -250,8 +271,11 @@ torch::Tensor quant_linear_impl(bool int4, torch::Tensor x, const torch::Tensor&
                 "int4 needs offsets shaped and typed like scales");
     off = offsets->contiguous();
   }
-  Args a{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(), int4 ? off.data_ptr() : nullptr,
-         xh, xl, xs, xsum_p, b.defined() ? b.data_ptr<float>() : nullptr, K, G, gk, N, qweight.size(1) * 64, half};
+  const float* sd = scale_kind == 2 ? scale_d->data_ptr<float>() : nullptr;
+  const float* od = scale_kind == 2 && int4 ? offset_d->data_ptr<float>() : nullptr;
+  Args a{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(), int4 ? off.data_ptr() : nullptr, sd, od,
+         xh, xl, xs, xsum_p, b.defined() ? b.data_ptr<float>() : nullptr, K, G, gk, N, qweight.size(1) * 64,
+         scale_kind, super_groups};
 
   auto y = torch::empty({M, N}, opts.dtype(out_fp32 ? at::kFloat : at::kBFloat16));
   auto go = [&](auto* yp) {
@@ -267,13 +291,15 @@ torch::Tensor quant_linear_impl(bool int4, torch::Tensor x, const torch::Tensor&
 }  // namespace
 
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor offsets,
+                          c10::optional<torch::Tensor> scale_d, c10::optional<torch::Tensor> offset_d,
                           c10::optional<torch::Tensor> bias, int64_t N, bool out_fp32, bool precise, int64_t min_task_bytes) {
-  return quant_linear_impl(true, x, qweight, scales, offsets, bias, N, out_fp32, precise, min_task_bytes);
+  return quant_linear_impl(true, x, qweight, scales, offsets, scale_d, offset_d, bias, N, out_fp32, precise, min_task_bytes);
 }
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> bias,
-                          int64_t N, bool out_fp32, bool precise, int64_t min_task_bytes) {
-  return quant_linear_impl(false, x, qweight, scales, c10::nullopt, bias, N, out_fp32, precise, min_task_bytes);
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> scale_d,
+                          c10::optional<torch::Tensor> bias, int64_t N, bool out_fp32, bool precise, int64_t min_task_bytes) {
+  return quant_linear_impl(false, x, qweight, scales, c10::nullopt, scale_d, c10::nullopt, bias, N, out_fp32, precise,
+                           min_task_bytes);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -77,9 +77,42 @@ def _scale_dtype(requested: torch.dtype | None, *values: torch.Tensor) -> torch.
     return torch.float16
 
 
+SUPER_BLOCK = 256  # columns per GGUF K-quant super-block (one float16 d, per-group 6/8-bit multipliers)
+# Candidate multipliers of a super-block's largest |value|: Q4_K scales/mins are 6-bit (max 63); Q6_K maps
+# its largest scale to -128 (with either sign of d).
+_SUPER_MAX = (63, -128, 128, 127, -127, -63)
+
+
+def _factor_super_blocks(values: list[torch.Tensor], group: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each [N, G] tensor as int8 multipliers [N, G] times float32 factors [N, G/S] per 256-column super-block,
+    if that is exact for every value (GGUF Q4_K / Q6_K scales d*sc and mins dmin*m are), else None.
+    Candidate factors are max|v| / _SUPER_MAX; exactness is checked, never assumed."""
+    if group > 32 or values[0].shape[1] * group % SUPER_BLOCK:
+        return None
+    per = SUPER_BLOCK // group
+    out = []
+    for v in values:
+        v = v.to(torch.float32).reshape(v.shape[0], -1, per)
+        amax = v.abs().amax(-1, keepdim=True)
+        mult = torch.zeros_like(v)
+        d = torch.zeros_like(amax)
+        done = amax == 0
+        for top in _SUPER_MAX:
+            cand = amax / top
+            q = torch.where(cand != 0, torch.round(v / cand), 0.0)
+            ok = ((q >= -128) & (q <= 127) & (q * cand == v)).all(-1, keepdim=True) & ~done
+            mult = torch.where(ok, q, mult)
+            d = torch.where(ok, cand, d)
+            done |= ok
+        if not bool(done.all()):
+            return None
+        out.append((mult.to(torch.int8).flatten(1), d.flatten(1)))
+    return out
+
+
 def _tile_groups(t: torch.Tensor, n_pad: int, repeat: int, dtype: torch.dtype) -> torch.Tensor:
     """[N, G] per-row group values -> dtype [Np/16, G*repeat, 16] (zero for padded rows)."""
-    if dtype not in (torch.float32, torch.float16):
+    if dtype not in (torch.float32, torch.float16, torch.int8):
         raise ValueError(f"scale dtype must be float32 or float16, not {dtype}")
     t = t.to(torch.float32).repeat_interleave(repeat, dim=1)
     t = F.pad(t, (0, 0, 0, n_pad - t.shape[0])).to(dtype)
@@ -88,9 +121,15 @@ def _tile_groups(t: torch.Tensor, n_pad: int, repeat: int, dtype: torch.dtype) -
     return t.view(n_pad // TILE_ROWS, TILE_ROWS, -1).transpose(1, 2).contiguous()
 
 
+def _group_values(t: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+    """Packed scales/offsets [Np/16, G, 16] (any storage) -> float32 values, exactly as the kernel uses them."""
+    t = t.to(torch.float32)
+    return t if d is None else t * d.repeat_interleave(t.shape[1] // d.shape[1], dim=1)
+
+
 def _untile_groups(t: torch.Tensor, n: int, group: int) -> torch.Tensor:
     """float32 [Np/16, G, 16] -> [N, K] with each group value repeated over its columns."""
-    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n].to(torch.float32).repeat_interleave(group, dim=1)
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n].repeat_interleave(group, dim=1)
 
 
 def _padded_rows(n: int) -> int:
@@ -102,9 +141,11 @@ class PackedInt4:
     """int4 asymmetric weight in the kernel layout (see the module docstring)."""
 
     qweight: torch.Tensor  # uint8 [Np/16, K/8, 64]
-    scales: torch.Tensor  # float32 or float16 [Np/16, K/gk, 16]
+    scales: torch.Tensor  # float32 or float16 [Np/16, K/gk, 16], or int8 multipliers of scale_d
     offsets: torch.Tensor  # like scales
     out_features: int  # N (rows beyond it are padding)
+    scale_d: torch.Tensor | None = None  # float32 [Np/16, K/256, 16] when scales are int8 super-block multipliers
+    offset_d: torch.Tensor | None = None  # likewise for offsets
 
     @property
     def in_features(self) -> int:
@@ -116,11 +157,17 @@ class PackedInt4:
         return self.in_features // self.scales.shape[1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales, "offsets": self.offsets}
+        t = {"qweight": self.qweight, "scales": self.scales, "offsets": self.offsets}
+        if self.scale_d is not None:
+            t |= {"scale_d": self.scale_d, "offset_d": self.offset_d}
+        return t
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], out_features: int) -> PackedInt4:
-        return cls(tensors["qweight"], tensors["scales"], tensors["offsets"], out_features)
+        return cls(
+            tensors["qweight"], tensors["scales"], tensors["offsets"], out_features,
+            tensors.get("scale_d"), tensors.get("offset_d"),
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -131,8 +178,9 @@ class PackedInt8:
     """int8 symmetric weight in the kernel layout (see the module docstring)."""
 
     qweight: torch.Tensor  # int8 [Np/16, K/4, 64]
-    scales: torch.Tensor  # float32 or float16 [Np/16, K/gk, 16]
+    scales: torch.Tensor  # float32 or float16 [Np/16, K/gk, 16], or int8 multipliers of scale_d
     out_features: int
+    scale_d: torch.Tensor | None = None  # float32 [Np/16, K/256, 16] when scales are int8
 
     @property
     def in_features(self) -> int:
@@ -143,11 +191,12 @@ class PackedInt8:
         return self.in_features // self.scales.shape[1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales}
+        t = {"qweight": self.qweight, "scales": self.scales}
+        return t if self.scale_d is None else t | {"scale_d": self.scale_d}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], out_features: int) -> PackedInt8:
-        return cls(tensors["qweight"], tensors["scales"], out_features)
+        return cls(tensors["qweight"], tensors["scales"], out_features, tensors.get("scale_d"))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -174,14 +223,17 @@ def pack_int4(
     # [T, 16 rows, K/8, 2 halves, 4 k] -> [T, K/8, 16, 2, 4]; low half -> low nibble.
     c = c.view(n_pad // TILE_ROWS, TILE_ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
     q = (c[..., 0, :] & 0xF) | ((c[..., 1, :] & 0xF) << 4)
+    q = q.reshape(n_pad // TILE_ROWS, k // 8, 64).contiguous()
+    factored = _factor_super_blocks([scales, offsets], group_size) if scale_dtype is None else None
+    if factored:
+        (sm, sd), (om, od) = factored
+        return PackedInt4(
+            q, _tile_groups(sm, n_pad, 1, torch.int8), _tile_groups(om, n_pad, 1, torch.int8), n,
+            _tile_groups(sd, n_pad, 1, torch.float32), _tile_groups(od, n_pad, 1, torch.float32),
+        )
     rep = group_size // gk
     scale_dtype = _scale_dtype(scale_dtype, scales, offsets)
-    return PackedInt4(
-        q.reshape(n_pad // TILE_ROWS, k // 8, 64).contiguous(),
-        _tile_groups(scales, n_pad, rep, scale_dtype),
-        _tile_groups(offsets, n_pad, rep, scale_dtype),
-        n,
-    )
+    return PackedInt4(q, _tile_groups(scales, n_pad, rep, scale_dtype), _tile_groups(offsets, n_pad, rep, scale_dtype), n)
 
 
 def pack_int8(
@@ -191,10 +243,15 @@ def pack_int8(
     pack_int4."""
     n, k, gk = _check(codes, scales, group_size)
     n_pad = _padded_rows(n)
-    scale_dtype = _scale_dtype(scale_dtype, scales)
     c = F.pad(codes.to(torch.int8), (0, 0, 0, n_pad - n))
     q = c.view(n_pad // TILE_ROWS, TILE_ROWS, k // 4, 4).permute(0, 2, 1, 3)
-    return PackedInt8(q.reshape(n_pad // TILE_ROWS, k // 4, 64).contiguous(), _tile_groups(scales, n_pad, group_size // gk, scale_dtype), n)
+    q = q.reshape(n_pad // TILE_ROWS, k // 4, 64).contiguous()
+    factored = _factor_super_blocks([scales], group_size) if scale_dtype is None else None
+    if factored:
+        ((sm, sd),) = factored
+        return PackedInt8(q, _tile_groups(sm, n_pad, 1, torch.int8), n, _tile_groups(sd, n_pad, 1, torch.float32))
+    scale_dtype = _scale_dtype(scale_dtype, scales)
+    return PackedInt8(q, _tile_groups(scales, n_pad, group_size // gk, scale_dtype), n)
 
 
 def _codes(packed: Packed, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -214,9 +271,9 @@ def _codes(packed: Packed, rows: torch.Tensor | None = None) -> torch.Tensor:
 def unpack(packed: Packed) -> torch.Tensor:
     """Exact dequantized weight, float32 [N, K]."""
     n, g = packed.out_features, packed.group_size
-    w = _codes(packed) * _untile_groups(packed.scales, n, g)
+    w = _codes(packed) * _untile_groups(_group_values(packed.scales, packed.scale_d), n, g)
     if isinstance(packed, PackedInt4):
-        w += _untile_groups(packed.offsets, n, g)
+        w += _untile_groups(_group_values(packed.offsets, packed.offset_d), n, g)
     return w
 
 
@@ -226,10 +283,16 @@ def embedding_rows(packed: Packed, ids: torch.Tensor) -> torch.Tensor:
     g = packed.group_size
     tile, lane = ids // TILE_ROWS, ids % TILE_ROWS
     codes = _gather_codes(packed, tile, lane)
-    w = codes * packed.scales[tile, :, lane].to(torch.float32).repeat_interleave(g, dim=1)
+    w = codes * _row_values(packed.scales, packed.scale_d, tile, lane).repeat_interleave(g, dim=1)
     if isinstance(packed, PackedInt4):
-        w += packed.offsets[tile, :, lane].to(torch.float32).repeat_interleave(g, dim=1)
+        w += _row_values(packed.offsets, packed.offset_d, tile, lane).repeat_interleave(g, dim=1)
     return w
+
+
+def _row_values(t: torch.Tensor, d: torch.Tensor | None, tile: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
+    """Group values [R, G] of rows (tile, lane), without converting the whole scale tensor."""
+    v = t[tile, :, lane].to(torch.float32)
+    return v if d is None else v * d[tile, :, lane].repeat_interleave(t.shape[1] // d.shape[1], dim=1)
 
 
 def _gather_codes(packed: Packed, tile: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
@@ -300,11 +363,13 @@ def quant_linear(
     out_fp32 = out_dtype == torch.float32 or (out_dtype is None and x.dtype == torch.float32)
     if type(packed) is PackedInt4:
         y = quant_module().int4_linear(
-            x2, packed.qweight, packed.scales, packed.offsets, bias, packed.out_features, out_fp32, precise, MIN_TASK_BYTES
+            x2, packed.qweight, packed.scales, packed.offsets, packed.scale_d, packed.offset_d, bias,
+            packed.out_features, out_fp32, precise, MIN_TASK_BYTES,
         )
     else:
         y = quant_module().int8_linear(
-            x2, packed.qweight, packed.scales, bias, packed.out_features, out_fp32, precise, MIN_TASK_BYTES
+            x2, packed.qweight, packed.scales, packed.scale_d, bias, packed.out_features, out_fp32, precise,
+            MIN_TASK_BYTES,
         )
     if x2 is not x:
         y = y.view(*x.shape[:-1], packed.out_features)
