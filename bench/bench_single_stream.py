@@ -77,12 +77,12 @@ class Result:
 
 
 class EmberRunner:
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: str, kv_cache_dtype: str = "auto") -> None:
         from ember import LLM, SamplingParams  # before torch: ember sets OMP_WAIT_POLICY at import
 
         self._params = SamplingParams
         # Prefix caching off: repeats of the same prompt would otherwise skip the prefill being measured.
-        self.llm = LLM(dtype=dtype, enable_prefix_caching=False)
+        self.llm = LLM(dtype=dtype, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
 
     def generate(self, prompt: list[int], n: int) -> list[int]:
         params = self._params(temperature=0, max_tokens=n, ignore_eos=True)
@@ -151,11 +151,11 @@ class HFRunner:
         return out[0, len(prompt) :].tolist()
 
 
-def make_runner(engine: str, model_path: str, n_ctx: int) -> Runner:
+def make_runner(engine: str, model_path: str, n_ctx: int, kv_cache_dtype: str = "auto") -> Runner:
     if engine == "ember-bf16":
-        return EmberRunner("bfloat16")
+        return EmberRunner("bfloat16", kv_cache_dtype)
     if engine == "ember-fp32":
-        return EmberRunner("float32")
+        return EmberRunner("float32", kv_cache_dtype)
     if engine == "llama.cpp":
         return LlamaCppRunner(model_path, n_ctx)
     if engine == "hf-bf16":
@@ -206,15 +206,17 @@ def measure(engine: str, runner: Runner, prompt: list[int], prefill: list[int], 
     )
 
 
-def child_main(engine: str, prompts_file: str, decode_tokens: int, repeats: int) -> None:
+def child_main(engine: str, prompts_file: str, decode_tokens: int, repeats: int, kv_cache_dtype: str = "auto") -> None:
     with open(prompts_file) as f:
         spec = json.load(f)
     n_ctx = max(1024, len(spec["prefill"]) + 8, len(spec["prompt"]) + decode_tokens + 8)
     start = time.perf_counter()
-    runner = make_runner(engine, spec["model"], n_ctx)
+    runner = make_runner(engine, spec["model"], n_ctx, kv_cache_dtype)
     load_s = time.perf_counter() - start
     result = measure(engine, runner, spec["prompt"], spec["prefill"], decode_tokens, repeats)
     result.load_s = load_s
+    if engine.startswith("ember") and kv_cache_dtype != "auto":
+        result.engine += f" (KV {kv_cache_dtype})"
     print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
 
 
@@ -442,6 +444,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--out", help="write results (and machine info) to this JSON file")
     parser.add_argument("--profile", action="store_true", help="only profile ember bf16 decode")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="ember's KV cache storage: auto, int8 or fp8_e4m3")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -453,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.profile:
             profile_child(args.prompts_file)
         else:
-            child_main(args.child, args.prompts_file, args.decode_tokens, args.repeats)
+            child_main(args.child, args.prompts_file, args.decode_tokens, args.repeats, args.kv_cache_dtype)
         return
 
     engines = ["ember-bf16"] if args.profile else [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -491,7 +494,7 @@ def run_engines(engines: Sequence[str], args: argparse.Namespace, prompts_file: 
         for engine in bar:
             bar.set_postfix_str(engine)
             child_args = [engine, "--prompts-file", prompts_file, "--repeats", str(args.repeats)]
-            child_args += ["--decode-tokens", str(args.decode_tokens)]
+            child_args += ["--decode-tokens", str(args.decode_tokens), "--kv-cache-dtype", args.kv_cache_dtype]
             results.append(run_child(child_args))
     return results
 

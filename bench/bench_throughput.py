@@ -112,11 +112,11 @@ def warmup_requests(requests: Sequence[Request]) -> list[Request]:
     return [Request(r.prompt[:8][::-1], 4) for r in requests[:2]]
 
 
-def run_ember(requests: Sequence[Request], model_path: str) -> Result:
+def run_ember(requests: Sequence[Request], model_path: str, kv_cache_dtype: str = "auto") -> Result:
     from ember import LLM, SamplingParams  # before torch: ember sets OMP_WAIT_POLICY at import
 
     start = time.perf_counter()
-    llm = LLM(model_path, dtype="bfloat16")
+    llm = LLM(model_path, dtype="bfloat16", kv_cache_dtype=kv_cache_dtype)
     load_s = time.perf_counter() - start
 
     def generate(batch: Sequence[Request], use_tqdm: bool) -> tuple[float, list[list[int]]]:
@@ -130,6 +130,7 @@ def run_ember(requests: Sequence[Request], model_path: str) -> Result:
     check_outputs(requests, outputs)
     config = llm.engine.config
     setting = f"max_num_seqs {config.max_num_seqs}, max_num_batched_tokens {config.max_num_batched_tokens}"
+    setting += f", KV {kv_cache_dtype}" if kv_cache_dtype != "auto" else ""
     result = best_result("ember-bf16", requests, [(setting, elapsed, outputs)])
     result.load_s = load_s
     return result
@@ -319,7 +320,7 @@ def child_main(engine: str, args: argparse.Namespace) -> None:
     requests = [Request(r["prompt"], r["output_len"]) for r in spec["requests"]]
     model = spec["model"]
     if engine == "ember-bf16":
-        result = run_ember(requests, model)
+        result = run_ember(requests, model, args.kv_cache_dtype)
     elif engine == "llama.cpp":
         result = run_llama_cpp(requests, model, sizes(args.llama_parallel, len(requests)), args.llama_kv_unified)
     elif engine == "hf-bf16":
@@ -431,6 +432,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="transformers batch sizes to try, comma-separated ('all' = --num-prompts)")
     parser.add_argument("--llama-kv-unified", action="store_true",
                         help="llama.cpp: one KV buffer shared by all sequences (default: one stream each)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="ember's KV cache storage: auto, int8 or fp8_e4m3")
     parser.add_argument("--out", help="write results (and machine info) to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec-file", help=argparse.SUPPRESS)
@@ -458,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             child_args = [engine, "--spec-file", spec_file]
             child_args += ["--llama-parallel", args.llama_parallel, "--hf-batch-sizes", args.hf_batch_sizes]
             child_args += ["--llama-kv-unified"] if args.llama_kv_unified else []
+            child_args += ["--kv-cache-dtype", args.kv_cache_dtype]
             results.append(run_child(child_args))
     finally:
         os.unlink(spec_file)

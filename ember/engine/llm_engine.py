@@ -21,7 +21,7 @@ from ember.quant.config import QuantConfig
 from ember.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
-from ember.worker.kv_cache import KVGroupSpec, PagedKVCache, bytes_per_block
+from ember.worker.kv_cache import KVGroupSpec, PagedKVCache, bytes_per_block, kv_quant_scheme
 from ember.worker.model_runner import ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger("ember")
@@ -42,6 +42,7 @@ class LLMEngine:
         self.model_config = source.config
         self.dtype = resolve_dtype(config.dtype)
         quant = QuantConfig.from_settings(config.quantization, config.lm_head_quantization)  # fails before loading
+        kv_quant_scheme(config.kv_cache_dtype)  # a bad value fails here, before the model loads
         # A GGUF's tokenizer comes from the file resolve_model already parsed.
         self.tokenizer = (
             Tokenizer.from_gguf(source.gguf_file) if source.gguf_file is not None else Tokenizer.from_pretrained(path)
@@ -61,9 +62,9 @@ class LLMEngine:
         self._emitted: dict[int, int] = {}  # chars of output_text already streamed, by id(request)
         groups = ", ".join(f"{g.name}: {len(g.layers)} layers x {g.num_blocks} blocks" for g in kv_cache.groups)
         logger.info(
-            "ember: %s (%s, %s) on %s; context %d tokens; KV cache holds %d tokens (%s, block size %d)",
+            "ember: %s (%s, %s) on %s; context %d tokens; KV cache holds %d tokens as %s (%s, block size %d)",
             path, self.model_config.architecture, self.dtype, config.device, self.max_model_len,
-            self.kv_manager.capacity_tokens, groups, config.block_size,
+            self.kv_manager.capacity_tokens, kv_cache.keys[0].dtype, groups, config.block_size,
         )
 
     # -- public API -------------------------------------------------------------------------------
@@ -183,7 +184,9 @@ class LLMEngine:
         sliding = tuple(i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i))
 
         def block_bytes(layers: tuple[int, ...]) -> int:
-            return bytes_per_block(block_size, len(layers), cfg.num_key_value_heads, cfg.head_dim, self.dtype)
+            return bytes_per_block(
+                block_size, len(layers), cfg.num_key_value_heads, cfg.head_dim, self.dtype, config.kv_cache_dtype
+            )
 
         budget = int(config.kv_cache_memory * (1 << 30))
         groups: list[KVGroupSpec] = []
@@ -204,7 +207,9 @@ class LLMEngine:
             )
         window = None if full else cfg.sliding_window
         groups.insert(0, KVGroupSpec("full" if full else "sliding", window, layers, count + 1))
-        return PagedKVCache(groups, block_size, cfg.num_key_value_heads, cfg.head_dim, self.dtype, config.device)
+        return PagedKVCache(
+            groups, block_size, cfg.num_key_value_heads, cfg.head_dim, self.dtype, config.device, config.kv_cache_dtype
+        )
 
     def _fork(self, parent: Request, child: Request, result: ModelRunnerOutput) -> None:
         if self.scheduler.fork(parent, child):

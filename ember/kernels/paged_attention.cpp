@@ -5,18 +5,48 @@
 // (block i holds positions [i * block_size, (i + 1) * block_size)); key_start, key_end: [B] int64, the
 // positions each query attends to (key_start > 0 for a sliding window). Returns [B, H, D] in q's dtype.
 // Scores and the weighted value sum are kept in fp32. Work is split over (sequence, kv head) pairs.
+//
+// The pools hold either q's dtype, or quantized codes (int8, or fp8 e4m3 bits) with one fp32 scale per
+// (token, kv head) in k_scales, v_scales: [num_blocks, block_size, Hkv]. Codes are widened to fp32 in
+// registers and the scale is folded in once per vector: into the score (q . k = scale * (q . codes)) and
+// into the softmax weight of the value.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <cstdint>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
+struct Fp8E4M3 {  // the bits of one torch.float8_e4m3fn (1 sign, 4 exponent bits with bias 7, 3 mantissa)
+  uint8_t bits;
+};
+
+// 16 consecutive elements widened to fp32 (codes without their scale).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load16(const Fp8E4M3* p) {
+  // Sign-extended, so bit 31 is the code's sign bit.
+  const __m512i bits = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7F));
+  // Normal codes: exponent and mantissa move into fp32's fields, the exponent rebiased from 7 to 127.
+  const __m512 normal =
+      _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(magnitude, 20), _mm512_set1_epi32(120 << 23)));
+  // Subnormal codes (exponent field 0) are mantissa * 2^-9: computed exactly, with no fp32 denormals.
+  const __mmask16 is_subnormal = _mm512_cmplt_epi32_mask(magnitude, _mm512_set1_epi32(8));
+  const __m512 value =
+      _mm512_mask_mul_ps(normal, is_subnormal, _mm512_cvtepi32_ps(magnitude), _mm512_set1_ps(1.f / 512.f));
+  const __m512i sign = _mm512_and_si512(bits, _mm512_set1_epi32(INT32_MIN));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));  // NaN codes are never written
 }
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(at::BFloat16* p, __m512 v) {
@@ -25,96 +55,206 @@ inline void store16(at::BFloat16* p, __m512 v) {
   for (int i = 0; i < 16; ++i) p[i] = at::BFloat16(tmp[i]);
 }
 
-template <typename T>
-void attend_one(const T* q, const T* k_pool, const T* v_pool, const int64_t* table, int64_t start, int64_t end,
-                int64_t block_size, int64_t kv_heads, int64_t kv_head, int64_t group, int64_t D, float scale,
-                float softcap, T* out, std::vector<float>& scores, std::vector<float>& acc) {
-  const int64_t n = end - start;
-  scores.resize(group * n);
-  acc.assign(group * D, 0.f);
-  const int64_t chunks = D / 16;
+// Where one (sequence, kv head) pair reads: pools of element type C, scales (nullptr: unquantized).
+template <typename C>
+struct KVView {
+  const C* k_pool;
+  const C* v_pool;
+  const float* k_scales;
+  const float* v_scales;
+  const int64_t* table;
+  int64_t block_size, kv_heads, kv_head;
+
+  // Index of (position, kv head) among the pool's head vectors (and scales).
+  int64_t row(int64_t pos) const {
+    return (table[pos / block_size] * block_size + pos % block_size) * kv_heads + kv_head;
+  }
+};
+
+constexpr int kTile = 4;   // query heads of one KV head handled together: their sums stay in registers
+constexpr int kWidth = 4;  // 16-float chunks of a value row accumulated together (kTile * kWidth registers)
+
+// Calls f(std::integral_constant<int, t>) for a tile of t = 1..kTile query heads (unrolled per size).
+template <typename F>
+inline void with_tile(int64_t t, F&& f) {
+  switch (t) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// dots[j] = q_j . k for T fp32 query rows q ([T][D]); each key chunk is widened once for all T heads.
+template <int T, typename C>
+inline void dot_tile(const float* q, const C* k, int64_t D, float* dots) {
+  __m512 sum[T];
+  for (int j = 0; j < T; ++j) sum[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 16) {
+    const __m512 kk = load16(k + c);
+    for (int j = 0; j < T; ++j) sum[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * D + c), kk, sum[j]);
+  }
+  for (int j = 0; j < T; ++j) dots[j] = _mm512_reduce_add_ps(sum[j]);
+}
+
+// out[j][c0, c0 + 16 W) = sum_i weights[j][i] * v_i[c0, c0 + 16 W) for T heads; weights: [T][n].
+template <int T, int W, typename C>
+inline void weighted_sum_tile(const float* weights, int64_t n, const C* v_pool, const int64_t* rows, int64_t D,
+                              int64_t c0, float* out) {
+  __m512 acc[T][W];
+  for (int j = 0; j < T; ++j)
+    for (int w = 0; w < W; ++w) acc[j][w] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t pos = start + i;
-    const T* k = k_pool + ((table[pos / block_size] * block_size + pos % block_size) * kv_heads + kv_head) * D;
-    for (int64_t g = 0; g < group; ++g) {
-      const T* qg = q + g * D;
-      __m512 dot = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) dot = _mm512_fmadd_ps(load16(qg + c * 16), load16(k + c * 16), dot);
-      float s = _mm512_reduce_add_ps(dot) * scale;
-      if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
-      scores[g * n + i] = s;
+    const C* v = v_pool + rows[i] * D + c0;
+    for (int w = 0; w < W; ++w) {
+      const __m512 vv = load16(v + 16 * w);
+      for (int j = 0; j < T; ++j) acc[j][w] = _mm512_fmadd_ps(_mm512_set1_ps(weights[j * n + i]), vv, acc[j][w]);
     }
   }
-  for (int64_t g = 0; g < group; ++g) {  // softmax per query head
-    float* row = scores.data() + g * n;
+  for (int j = 0; j < T; ++j)
+    for (int w = 0; w < W; ++w) store16(out + j * D + c0 + 16 * w, acc[j][w]);
+}
+
+struct Scratch {  // per-thread buffers, reused across (sequence, kv head) pairs
+  std::vector<int64_t> rows;
+  std::vector<float> q, scores, out;
+};
+
+template <typename Q, typename C>
+void attend_one(const Q* q, const KVView<C>& kv, int64_t start, int64_t end, int64_t group, int64_t D, float scale,
+                float softcap, Q* out, Scratch& s) {
+  const int64_t n = end - start;
+  s.rows.resize(n);
+  for (int64_t i = 0; i < n; ++i) s.rows[i] = kv.row(start + i);
+  s.q.resize(group * D);
+  for (int64_t e = 0; e < group * D; e += 16) store16(s.q.data() + e, load16(q + e));
+  s.scores.resize(group * n);
+  s.out.resize(group * D);
+  for (int64_t g0 = 0; g0 < group; g0 += kTile) {
+    with_tile(std::min<int64_t>(kTile, group - g0), [&](auto tile) {
+      constexpr int T = decltype(tile)::value;
+      float dots[T];
+      for (int64_t i = 0; i < n; ++i) {
+        dot_tile<T>(s.q.data() + g0 * D, kv.k_pool + s.rows[i] * D, D, dots);
+        const float key_scale = kv.k_scales ? kv.k_scales[s.rows[i]] * scale : scale;
+        for (int j = 0; j < T; ++j) {
+          float score = dots[j] * key_scale;
+          if (softcap > 0.f) score = std::tanh(score / softcap) * softcap;
+          s.scores[(g0 + j) * n + i] = score;
+        }
+      }
+    });
+  }
+  for (int64_t g = 0; g < group; ++g) {  // softmax per query head; a value's scale folds into its weight
+    float* row = s.scores.data() + g * n;
     float mx = -INFINITY;
     for (int64_t i = 0; i < n; ++i) mx = std::max(mx, row[i]);
     float sum = 0.f;
     for (int64_t i = 0; i < n; ++i) sum += (row[i] = std::exp(row[i] - mx));
     const float inv = 1.f / sum;
-    for (int64_t i = 0; i < n; ++i) row[i] *= inv;
+    for (int64_t i = 0; i < n; ++i) row[i] *= kv.v_scales ? inv * kv.v_scales[s.rows[i]] : inv;
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t pos = start + i;
-    const T* v = v_pool + ((table[pos / block_size] * block_size + pos % block_size) * kv_heads + kv_head) * D;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512 vv = load16(v + c * 16);
-      for (int64_t g = 0; g < group; ++g) {
-        float* a = acc.data() + g * D + c * 16;
-        store16(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + i]), vv, load16(a)));
-      }
-    }
+  for (int64_t g0 = 0; g0 < group; g0 += kTile) {
+    with_tile(std::min<int64_t>(kTile, group - g0), [&](auto tile) {
+      constexpr int T = decltype(tile)::value;
+      const float* weights = s.scores.data() + g0 * n;
+      float* acc = s.out.data() + g0 * D;
+      int64_t c0 = 0;
+      for (; c0 + 16 * kWidth <= D; c0 += 16 * kWidth)
+        weighted_sum_tile<T, kWidth>(weights, n, kv.v_pool, s.rows.data(), D, c0, acc);
+      for (; c0 < D; c0 += 16) weighted_sum_tile<T, 1>(weights, n, kv.v_pool, s.rows.data(), D, c0, acc);
+    });
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < chunks; ++c) store16(out + g * D + c * 16, load16(acc.data() + g * D + c * 16));
+  for (int64_t e = 0; e < group * D; e += 16) store16(out + e, load16(s.out.data() + e));
 }
 
-template <typename T>
-void run(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
-         const torch::Tensor& tables, const torch::Tensor& key_start, const torch::Tensor& key_end, float scale,
-         float softcap, torch::Tensor& out) {
+template <typename Q, typename C>
+void run(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool, const float* k_scales,
+         const float* v_scales, const torch::Tensor& tables, const torch::Tensor& key_start,
+         const torch::Tensor& key_end, float scale, float softcap, torch::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t block_size = k_pool.size(1), kv_heads = k_pool.size(2), group = H / kv_heads;
   const int64_t max_blocks = tables.size(1);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_pool.data_ptr<T>();
-  const T* vp = v_pool.data_ptr<T>();
+  const Q* qp = q.data_ptr<Q>();
+  const C* kp = static_cast<const C*>(k_pool.data_ptr());
+  const C* vp = static_cast<const C*>(v_pool.data_ptr());
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* sp = key_start.data_ptr<int64_t>();
   const int64_t* ep = key_end.data_ptr<int64_t>();
-  T* op = out.data_ptr<T>();
+  Q* op = out.data_ptr<Q>();
   at::parallel_for(0, B * kv_heads, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> scores, acc;
+    Scratch scratch;
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t b = w / kv_heads, h = w % kv_heads;
-      attend_one<T>(qp + (b * H + h * group) * D, kp, vp, tp + b * max_blocks, sp[b], ep[b], block_size, kv_heads,
-                    h, group, D, scale, softcap, op + (b * H + h * group) * D, scores, acc);
+      const KVView<C> kv{kp, vp, k_scales, v_scales, tp + b * max_blocks, block_size, kv_heads, h};
+      attend_one<Q, C>(qp + (b * H + h * group) * D, kv, sp[b], ep[b], group, D, scale, softcap,
+                       op + (b * H + h * group) * D, scratch);
     }
   });
+}
+
+const float* scales_ptr(const std::optional<torch::Tensor>& scales, const torch::Tensor& pool) {
+  TORCH_CHECK(scales.has_value(), "a quantized pool needs its scales");
+  TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous(), "scales must be contiguous float32");
+  TORCH_CHECK(scales->dim() == 3 && scales->size(0) == pool.size(0) && scales->size(1) == pool.size(1) &&
+                  scales->size(2) == pool.size(2),
+              "scales must be [num_blocks, block_size, kv_heads]");
+  return scales->data_ptr<float>();
+}
+
+// Picks the cache element type for a query type Q.
+template <typename Q>
+void dispatch_cache(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
+                    const std::optional<torch::Tensor>& k_scales, const std::optional<torch::Tensor>& v_scales,
+                    const torch::Tensor& tables, const torch::Tensor& key_start, const torch::Tensor& key_end,
+                    float scale, float softcap, torch::Tensor& out) {
+  const auto kind = k_pool.scalar_type();
+  if (kind == q.scalar_type()) {
+    run<Q, Q>(q, k_pool, v_pool, nullptr, nullptr, tables, key_start, key_end, scale, softcap, out);
+    return;
+  }
+  const float* ks = scales_ptr(k_scales, k_pool);
+  const float* vs = scales_ptr(v_scales, v_pool);
+  if (kind == at::kChar) {
+    run<Q, int8_t>(q, k_pool, v_pool, ks, vs, tables, key_start, key_end, scale, softcap, out);
+  } else {
+    TORCH_CHECK(kind == at::kFloat8_e4m3fn, "KV pool: q's dtype, int8 or float8_e4m3fn expected");
+    run<Q, Fp8E4M3>(q, k_pool, v_pool, ks, vs, tables, key_start, key_end, scale, softcap, out);
+  }
 }
 
 }  // namespace
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor tables, torch::Tensor key_start, torch::Tensor key_end,
-                                     double scale, double softcap) {
+                                     double scale, double softcap, std::optional<torch::Tensor> k_scales,
+                                     std::optional<torch::Tensor> v_scales) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && q.size(2) == k_pool.size(3), "bad shapes");
+  TORCH_CHECK(k_pool.sizes() == v_pool.sizes(), "key and value pools differ in shape");
   TORCH_CHECK(q.size(2) % 16 == 0, "head_dim must be a multiple of 16");
   TORCH_CHECK(q.size(1) % k_pool.size(2) == 0, "heads must be a multiple of kv heads");
-  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && k_pool.scalar_type() == v_pool.scalar_type(), "dtypes");
+  TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type(), "key and value pools differ in dtype");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "pools must be contiguous");
+  TORCH_CHECK(key_start.scalar_type() == at::kLong && key_end.scalar_type() == at::kLong, "int64 key ranges");
   q = q.contiguous();
   tables = tables.contiguous();
+  key_start = key_start.contiguous();
+  key_end = key_end.contiguous();
   auto out = torch::empty_like(q);
   if (q.scalar_type() == at::kFloat) {
-    run<float>(q, k_pool, v_pool, tables, key_start, key_end, float(scale), float(softcap), out);
+    dispatch_cache<float>(q, k_pool, v_pool, k_scales, v_scales, tables, key_start, key_end, float(scale),
+                          float(softcap), out);
   } else {
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "float32 or bfloat16 expected");
-    run<at::BFloat16>(q, k_pool, v_pool, tables, key_start, key_end, float(scale), float(softcap), out);
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "float32 or bfloat16 queries expected");
+    dispatch_cache<at::BFloat16>(q, k_pool, v_pool, k_scales, v_scales, tables, key_start, key_end, float(scale),
+                                 float(softcap), out);
   }
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache",
+        pybind11::arg("q"), pybind11::arg("k_pool"), pybind11::arg("v_pool"), pybind11::arg("tables"),
+        pybind11::arg("key_start"), pybind11::arg("key_end"), pybind11::arg("scale"), pybind11::arg("softcap"),
+        pybind11::arg("k_scales") = pybind11::none(), pybind11::arg("v_scales") = pybind11::none());
 }

@@ -56,7 +56,7 @@ class ForwardBatch:
     _paged_kernel: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self._paged_kernel = kernel_applies(self.kv_cache.keys[0])
+        self._paged_kernel = kernel_applies(self.kv_cache.keys[0], self.kv_cache.dtype)
         block_size = self.kv_cache.block_size
         positions = self.positions.tolist()
         owners = [b for b, n in enumerate(self.query_lens) for _ in range(n)]
@@ -99,8 +99,10 @@ class ForwardBatch:
         layout = self._layout(index, group, window)
         if layout.paged is not None:
             tables, key_start, key_end = layout.paged
-            keys, values = self.kv_cache.keys[layer], self.kv_cache.values[layer]
-            return paged_decode_attention(q, keys, values, tables, key_start, key_end, scale, softcap)
+            cache = self.kv_cache
+            keys, values = cache.keys[layer], cache.values[layer]
+            scales = cache.key_scales[layer], cache.value_scales[layer]  # None unless quantized
+            return paged_decode_attention(q, keys, values, tables, key_start, key_end, scale, softcap, *scales)
         if layout.consecutive_first is not None:
             keys, values = self.kv_cache.slice(layer, layout.consecutive_first, layout.block_table.shape[1])
         else:
