@@ -13,20 +13,40 @@ so the PyTorch fallback and checkpoints use the same tensors):
   * int4: qweight uint8 [Np/16, K/8, 64]; byte 4r+j holds row r's k=8i+j (low nibble) and k=8i+4+j
     (high nibble), so one load + and/shift yields the two 64-byte vectors for k-steps 8i and 8i+4.
   * int8: qweight int8 [Np/16, K/4, 64]; byte 4r+j is row r's k=4i+j.
-  * scales (and int4 offsets) [Np/16, K/gk, 16]: one load per tile per group; float16 when every value
-    is exactly a float16 (GGUF Q8_0/Q5_0/Q4_0: d is float16), else float32, which keeps Q4_K's d*sc and
-    dmin*m and Q6_K's d*sc exact. float16 can be forced (relative rounding <= 2^-11, tested).
+  * scales (and int4 offsets) [Np/16, K/gk, 16], one load per tile per group, stored as
+      - int8 multipliers + float32 factors scale_d/offset_d [Np/16, K/256, 16] when every value is
+        exactly d * integer per 256-column super-block (GGUF Q4_K d*sc, dmin*m; Q6_K d*sc; detected and
+        verified at pack time, so still exact);
+      - else float16 when every value is exactly a float16 (GGUF Q8_0/Q5_0/Q4_0: d is float16);
+      - else float32 (arbitrary calibrated scales). float16 can be forced: relative rounding <= 2^-11.
   * gk, the kernel group, is g for g <= 128; larger groups (per-channel) are split into gk = the largest
     of 128/64/32/16 dividing g, with the scale repeated, so int32 accumulators never overflow.
-  Bytes per weight: int4 0.5 + 8/gk fp32 (g=32: 0.75, g=128: 0.5625), 0.5 + 4/gk fp16 (g=32: 0.625);
-                    int8 1 + 4/gk fp32 (g=16: 1.25, g=32: 1.125), 1 + 2/gk fp16 (Q8_0 g=32: 1.0625).
+  Bytes per weight (g=32 unless said): int4 0.75 fp32 / 0.625 fp16 / 0.594 Q4_K-factored, 0.5625 g=128 fp32;
+  int8 1.125 fp32 / 1.0625 fp16 (Q8_0, Q5_0) / 1.078 Q6_K-factored (g=16; 1.25 as fp32).
+  (Gemma 3 270M's hidden size 640 is not a multiple of 256, so GGUF files fall back to Q5_0/Q8_0 there.)
 
-Kernel (quant_linear.cpp, AVX-512 VNNI): activations are quantized per row and per group to int8 in two
-parts, x ~= xs * (hi + lo/256), so the products are exact integer dot products and the result carries
-~16 bits of activation precision (more than the bf16 input), i.e. it matches x @ W.T to about fp32
-accumulation error rather than to int8-activation error.
+Kernel (quant_linear.cpp, AVX-512 VNNI `vpdpbusd`): activations are quantized per row and per group, and
+each group's dot product is exact int32, scaled once per group in fp32.
+  * precise=True (default): x ~= xs * (256 hi + lo), two int8 parts, ~16 bits per group: y matches
+    x @ unpack(W).T to ~1e-5 relative (tested bound), which the quantized layers' tests rely on.
+  * precise=False: int8 activations (hi only), llama.cpp-style, ~0.5% relative error, half the dot work.
 
-Routing by batch rows M (see bench/bench_quant_kernels.py for the numbers behind it): filled in below.
+Routing and crossovers (bench/bench_quant_kernels.py; CPU shared with other jobs during development, so
+numbers are per-core CPU time, best of repeats, Gemma 3 270M shapes, int4/int8 g=32):
+  * M <= 4: memory-bound, 28-35 GB/s of packed bytes per core; precise costs little. LM head
+    262144x640 int4 g32 fp32 scales (126 MB): 3.9-4.5 ms on one core (bf16 F.linear 20 ms, torch
+    int4pack g128 6.2 ms, int8pack 10 ms); 2 threads are bounded by ~48 GB/s, i.e. ~2.6 ms.
+  * M = 8..64: the kernel stays the fastest path with int8 activations (LM head M=64: 50 ms int4,
+    62 ms int8 vs bf16 F.linear 69 ms, torch int4pack 147 ms per core). precise costs 1.5x (M=8) to
+    1.5-1.8x (M=64): LM head M=64 precise int4 76 ms, int8 110 ms, so batched decode should pass
+    precise=False.
+  * M = 512 (prefill): int8 activations beat oneDNN bf16 F.linear (gate_up 4.0 vs 5.3 ms, down 2.3 vs
+    2.6 ms per core) and dequantize-whole-weight-then-F.linear (9.8 ms, mostly the dequantization);
+    precise is 1.5-2.3x bf16 there. There is no crossover to a dequantize route on these shapes, so every
+    CPU batch size goes to the kernel; the PyTorch route is only the fallback (no AVX-512 VNNI, no
+    compiler, non-CPU tensors, EMBER_DISABLE_KERNELS=1): exact in float32, slow.
+  * Threads: at::parallel_for over 64-row blocks, one thread below MIN_TASK_BYTES (256 KB) of weights per
+    task; cold 640x1536 int4 (0.74 MB) takes ~20 us on 2 threads vs ~35 us on one.
 """
 
 from __future__ import annotations
