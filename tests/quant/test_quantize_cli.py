@@ -44,6 +44,12 @@ def test_quantize_writes_a_loadable_checkpoint(checkpoint_dir, tmp_path, family,
                  "--json", str(result)]) == 0  # fmt: skip
     ppl = json.loads(result.read_text())["ppl"]
     assert 1.0 < ppl < 2 * 512  # a random model: about the vocabulary size, not nan/inf
+    kld = tmp_path / "kld.json"
+    assert main(["eval", "kld", "--model", out, "--reference", checkpoint_dir(family), "--text", str(text),
+                 "--ctx", "16", "--no-progress", "--json", str(kld)]) == 0  # fmt: skip
+    record = json.loads(kld.read_text())
+    assert record["exact"] and record["ppl_model"] == pytest.approx(ppl, rel=1e-3)
+    assert 0 < record["mean_kld"] < 0.5 and record["top1_agreement"] > 0.5
 
 
 def test_bad_arguments_are_clear_errors(checkpoint_dir, tmp_path, capsys):
