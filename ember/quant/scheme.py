@@ -146,28 +146,44 @@ class QuantizedWeight:
 
 def quantize_rtn(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     """Round-to-nearest: per group, int4 maps [min, max] onto 0..15 (asymmetric), int8 maps
-    [-absmax, absmax] onto -127..127 (symmetric; -128 unused so the grid is symmetric)."""
+    [-absmax, absmax] onto -127..127 (symmetric; -128 unused so the grid is symmetric).
+
+    Rows are quantized in chunks so a large table (a 262k-row embedding) needs only a few MB of
+    float32 intermediates beyond its codes."""
     if weight.dim() != 2:
         raise ValueError(f"quantize_rtn expects a 2-D weight, got shape {tuple(weight.shape)}")
     n, k = weight.shape
     g = scheme.group_for(k)
-    w = weight.detach().to(torch.float32).reshape(n, k // g, g)
+    codes = torch.empty((n, k), dtype=torch.int8 if scheme.bits == 8 else torch.uint8)
+    scales = torch.empty((n, k // g), dtype=torch.float32)
+    offsets = torch.empty_like(scales) if scheme.bits == 4 else None
+    step = max(1, _RTN_CHUNK_ELEMENTS // k)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        c, s, o = _rtn_rows(weight[rows].detach().to(torch.float32), scheme, g)
+        codes[rows], scales[rows] = c, s
+        if offsets is not None:
+            offsets[rows] = o
+    return QuantizedWeight(scheme, codes, scales, offsets)
+
+
+_RTN_CHUNK_ELEMENTS = 1 << 22
+
+
+def _rtn_rows(weight: torch.Tensor, scheme: QuantScheme, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    n, k = weight.shape
+    w = weight.reshape(n, k // g, g)
     if scheme.bits == 8 or scheme.symmetric:
         qmax = 127 if scheme.bits == 8 else 7
-        absmax = w.abs().amax(dim=-1)
-        scales = absmax / qmax
+        scales = w.abs().amax(dim=-1) / qmax
         # An all-zero group gets scale 1 (any scale represents it exactly) so no division by zero.
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         q = torch.round(w / scales.unsqueeze(-1))
         if scheme.bits == 8:
-            codes = q.clamp_(-127, 127).to(torch.int8).view(n, k)
-            return QuantizedWeight(scheme, codes, scales.contiguous())
-        codes = (q.clamp_(-8, 7) + 8).to(torch.uint8).view(n, k)
-        return QuantizedWeight(scheme, codes, scales.contiguous(), (-8 * scales).contiguous())
+            return q.clamp_(-127, 127).to(torch.int8).view(n, k), scales, None
+        return (q.clamp_(-8, 7) + 8).to(torch.uint8).view(n, k), scales, -8 * scales
     lo = w.amin(dim=-1)
-    hi = w.amax(dim=-1)
-    scales = (hi - lo) / 15
+    scales = (w.amax(dim=-1) - lo) / 15
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round((w - lo.unsqueeze(-1)) / scales.unsqueeze(-1))
-    codes = q.clamp_(0, 15).to(torch.uint8).view(n, k)
-    return QuantizedWeight(scheme, codes, scales.contiguous(), lo.contiguous())
+    return q.clamp_(0, 15).to(torch.uint8).view(n, k), scales, lo
