@@ -6,7 +6,8 @@ ForwardBatch falls back to gather + batched matmuls where the kernel does not ap
 
 A quantized pool (int8 or float8_e4m3fn codes, see ember.worker.kv_cache) comes with per-(token, head)
 float32 scales; the kernel dequantizes in registers. `paged_decode_attention_torch` is the same
-computation in plain PyTorch (the fallback, and the kernel's reference in tests).
+computation in plain PyTorch (the fallback, and the kernel's reference in tests). The module also has
+`quantize_write`, PagedKVCache.write's fused quantize-and-store.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from types import ModuleType
 import torch
 
 from ember.kernels.build import load_kernel
-from ember.worker.kv_cache import dequantize
 
 _QUANTIZED = (torch.int8, torch.float8_e4m3fn)
 
@@ -73,7 +73,9 @@ def paged_decode_attention_torch(
     kv_heads = k_pool.shape[2]
 
     def read(pool: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:  # -> [B, Hkv, K, D] float32
-        values = dequantize(pool[block_tables], None if scales is None else scales[block_tables], torch.float32)
+        values = pool[block_tables].float()
+        if scales is not None:
+            values = values * scales[block_tables].unsqueeze(-1)
         return values.view(batch, -1, kv_heads, dim).transpose(1, 2)
 
     keys, values = read(k_pool, k_scales), read(v_pool, v_scales)

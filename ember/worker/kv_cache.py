@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.errors import InvalidRequestError
+from ember.kernels.paged_attention import paged_attention_module
 
 _SCALE_DTYPE = torch.float32
 
@@ -154,12 +155,19 @@ class PagedKVCache:
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slot_mapping: [T] flat positions (block * block_size + offset); k, v: [T, Hkv, D] (quantized here)."""
         pairs = ((self.keys[layer], self.key_scales[layer], k), (self.values[layer], self.value_scales[layer], v))
+        fused = self.scheme is not None and self._fused_write(k)
         for pool, scales, x in pairs:
+            if fused:  # same arithmetic as scheme.quantize, in one pass instead of ~10 ops
+                paged_attention_module().quantize_write(x, slot_mapping, pool, scales)
+                continue
             codes = x
             if self.scheme is not None:
                 codes, x_scales = self.scheme.quantize(x)
                 scales.view(-1, x.shape[1]).index_copy_(0, slot_mapping, x_scales)
             _raw(pool).view(-1, *x.shape[1:]).index_copy_(0, slot_mapping, _raw(codes))
+
+    def _fused_write(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and paged_attention_module() is not None
 
     def gather(self, layer: int, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """block_table: [B, nb] -> keys, values [B, nb * block_size, Hkv, D] in position order (a copy,

@@ -71,11 +71,13 @@ def test_cli_flag():
 
 
 @pytest.mark.parametrize("kv_dtype", SCHEMES)
-def test_cache_reads_dequantized_blocks_and_copies_scales(kv_dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_reads_dequantized_blocks_and_copies_scales(kv_dtype, dtype):
+    """Writes (the fused kernel where it builds) give exactly scheme.quantize's codes and scales."""
     g = torch.Generator().manual_seed(2)
     cache = PagedKVCache([KVGroupSpec("all", None, (0,), 6)], 4, 2, 16, torch.float32, "cpu", kv_dtype)
     cache.initialize_blocks(0, torch.arange(6))
-    k, v = _vectors(g, (8, 2, 16)), torch.randn(8, 2, 16, generator=g)
+    k, v = _vectors(g, (8, 2, 16)).to(dtype), torch.randn(8, 2, 16, generator=g).to(dtype)
     slots = torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])  # blocks 1 and 3
     cache.write(0, slots, k, v)
     scheme = cache.scheme
