@@ -27,7 +27,7 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 import ember  # noqa: F401  (OpenMP wait policy before torch)
-from ember.bench_serve import build_requests, result_table, run_load, summarize_run
+from ember.bench_serve import build_requests, load_tokenizer, result_table, run_load, summarize_run
 from ember.model_zoo import default_model_path
 
 
@@ -86,13 +86,18 @@ def main() -> None:
     args = parser.parse_args()
     model = args.model or default_model_path()
     rates = [float(r) for r in args.rates.split(",")]
+    tokenizer = load_tokenizer(model)
     requests = build_requests(SimpleNamespace(
-        tokenizer=model, dataset=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
+        dataset=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
         output_len=args.output_len or None, seed=args.seed,
-    ))
+    ), tokenizer)
     warmup = build_requests(SimpleNamespace(
-        tokenizer=model, dataset="random", num_prompts=4, input_len=16, output_len=8, seed=args.seed + 1,
-    ))
+        dataset="random", num_prompts=4, input_len=16, output_len=8, seed=args.seed + 1,
+    ), tokenizer)
+    # Every server gets ignore_eos; the ones that don't know it (llama-cpp-python) get EOS banned via logit_bias,
+    # so all produce the requested number of tokens.
+    eos_ids = tokenizer.eos_token_ids
+    extra = {"logit_bias": {str(i): -100 for i in eos_ids}}
     report: dict = {"model": model, "num_prompts": args.num_prompts, "dataset": args.dataset,
                     "output_len": args.output_len, "load": os.getloadavg(), "runs": []}
     for kind in args.servers.split(","):
@@ -105,9 +110,9 @@ def main() -> None:
             asyncio.run(run_load(url + "/v1/completions", "model", warmup, float("inf"), None, {}, 0, use_tqdm=False))
             for rate in rates:
                 results, duration = asyncio.run(
-                    run_load(url + "/v1/completions", "model", requests, rate, None, {}, args.seed)
+                    run_load(url + "/v1/completions", "model", requests, rate, None, extra, args.seed)
                 )
-                summary = asdict(summarize_run(results, duration))
+                summary = asdict(summarize_run(results, duration, tokenizer))
                 print(f"\n== {kind}, request rate {rate} ==\n{result_table(summary)}", flush=True)
                 report["runs"].append({"server": kind, "rate": str(rate), **summary})
         finally:
@@ -117,10 +122,10 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
             log.close()
-    print("\n| server | rate | ok | out tok/s | req/s | TTFT mean / p99 ms | TPOT mean / p99 ms | ITL p99 ms | E2E mean ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| server | rate | ok | out tokens | out tok/s | req/s | TTFT mean / p99 ms | TPOT mean / p99 ms | ITL p99 ms | E2E mean ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["runs"]:
-        print(f"| {r['server']} | {r['rate']} | {r['completed']} | {r['output_throughput']:.1f} | "
+        print(f"| {r['server']} | {r['rate']} | {r['completed']} | {r['total_output_tokens']} | {r['output_throughput']:.1f} | "
               f"{r['request_throughput']:.2f} | {r['ttft']['mean_ms']:.0f} / {r['ttft']['p99_ms']:.0f} | "
               f"{r['tpot']['mean_ms']:.1f} / {r['tpot']['p99_ms']:.1f} | {r['itl']['p99_ms']:.1f} | "
               f"{r['e2e']['mean_ms']:.0f} |")

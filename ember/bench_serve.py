@@ -38,7 +38,8 @@ class RequestResult:
     success: bool = False
     error: str = ""
     prompt_len: int = 0
-    output_tokens: int = 0
+    output_tokens: int = 0  # the server's usage count (0: it sent none)
+    generated_text: str = ""
     ttft_s: float = 0.0
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
@@ -77,12 +78,16 @@ def summarize(values_s: list[float]) -> Summary:
     return Summary(float(ms.mean()), float(np.median(ms)), float(np.percentile(ms, 99)))
 
 
-def build_requests(args: argparse.Namespace) -> list[ServeRequest]:
-    from ember.benchmark import make_requests
+def load_tokenizer(path: str | None) -> Any:
     from ember.model_zoo import default_model_path
     from ember.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or default_model_path())
+    return Tokenizer.from_pretrained(path or default_model_path())
+
+
+def build_requests(args: argparse.Namespace, tokenizer: Any) -> list[ServeRequest]:
+    from ember.benchmark import make_requests
+
     requests = make_requests(tokenizer, args.dataset, args.num_prompts, args.input_len, args.output_len, args.seed)
     # The server tokenizes the text again (adding its BOS): drop ours so the lengths stay as drawn.
     bos = tokenizer.bos_token_id
@@ -125,7 +130,10 @@ async def send_one(session: Any, url: str, model: str, request: ServeRequest, ex
                     break
                 payload = json.loads(data)
                 now = time.perf_counter()
-                if payload.get("choices") and (payload["choices"][0].get("text") or payload["choices"][0].get("delta")):
+                choice = payload["choices"][0] if payload.get("choices") else {}
+                text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                if text:
+                    result.generated_text += text
                     if chunks == 0:
                         result.ttft_s = now - start
                     else:
@@ -136,7 +144,6 @@ async def send_one(session: Any, url: str, model: str, request: ServeRequest, ex
                     result.output_tokens = payload["usage"].get("completion_tokens", 0)
                     result.prompt_len = payload["usage"].get("prompt_tokens", result.prompt_len)
         result.e2e_s = last - start
-        result.output_tokens = result.output_tokens or chunks
         result.success = chunks > 0
         if not result.success:
             result.error = "no tokens streamed"
@@ -180,8 +187,16 @@ async def run_load(
     return list(results), duration
 
 
-def summarize_run(results: list[RequestResult], duration: float) -> ServeResult:
+def summarize_run(results: list[RequestResult], duration: float, tokenizer: Any = None) -> ServeResult:
+    """Without a usage count from the server, output tokens are counted by tokenizing the generated text
+    (as vLLM's benchmark does), or else as streamed chunks."""
     ok = [r for r in results if r.success]
+    for r in ok:
+        if not r.output_tokens:
+            r.output_tokens = (
+                len(tokenizer.encode(r.generated_text, add_special_tokens=False)) if tokenizer is not None
+                else len(r.itl_s) + 1
+            )
     output_tokens = sum(r.output_tokens for r in ok)
     input_tokens = sum(r.prompt_len for r in ok)
     tpots = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
@@ -267,12 +282,13 @@ def bench_serve(args: argparse.Namespace) -> dict[str, Any]:
                 model = json.load(response)["data"][0]["id"]
         except Exception as e:
             raise EmberError(f"cannot reach {base}/v1/models to find the model name: {e}") from e
-    requests = build_requests(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    requests = build_requests(args, tokenizer)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     results, duration = asyncio.run(
         run_load(base + args.endpoint, model, requests, args.request_rate, args.max_concurrency, extra, args.seed, headers)
     )
-    result = summarize_run(results, duration)
+    result = summarize_run(results, duration, tokenizer)
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "bench_command", "verbose", "api_key")}
     settings["model"] = model
     settings["request_rate"] = str(args.request_rate)
