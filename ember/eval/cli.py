@@ -29,6 +29,7 @@ def add_eval_parser(commands: Any) -> None:
             help="ember weight quantization as in `ember generate` (auto, none = dequantize, int4, ...; default: auto)",
         )
         sub.add_argument("--lm-head-quantization", default=None, help="ember LM head quantization (default: auto)")
+        sub.add_argument("--kv-cache-dtype", default=None, help="ember KV cache storage: auto, int8, fp8_e4m3 (default: auto)")
         sub.add_argument(
             "--text", default="ptb-test", help="ptb-test, ptb-valid, ptb-train or a UTF-8 file (default: ptb-test)"
         )
@@ -68,7 +69,10 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
-    settings = {"quantization": args.quantization, "lm_head_quantization": args.lm_head_quantization}
+    settings = {
+        "quantization": args.quantization, "lm_head_quantization": args.lm_head_quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
+    }
     return {name: value for name, value in settings.items() if value is not None}
 
 

@@ -74,7 +74,8 @@ class EmberScorer:
         blocks = -(-max_len // block_size)
         groups = [KVGroupSpec(g.name, g.window, g.layers, blocks + 1) for g in spec.groups]  # block 0: padding
         self.kv_cache = PagedKVCache(
-            groups, block_size, engine.model_config.num_key_value_heads, engine.model_config.head_dim, engine.dtype, device
+            groups, block_size, engine.model_config.num_key_value_heads, engine.model_config.head_dim, engine.dtype, device,
+            config.kv_cache_dtype,  # so KV-cache quantization shows in the scores
         )
         self._table = list(range(1, blocks + 1))
         self._max_len = max_len
