@@ -34,7 +34,7 @@ from torch import nn
 
 from ember.errors import CorruptModelError
 from ember.kernels import linear
-from ember.kernels.quant_linear import Packed, PackedInt4, embedding_rows, pack_int4, pack_int8, quant_linear, unpack
+from ember.kernels.quant_linear import Packed, embedding_rows, pack_int4, pack_int8, quant_linear, unpack
 from ember.quant.scheme import QuantizedWeight, QuantScheme, quantize_rtn
 
 if TYPE_CHECKING:
@@ -253,8 +253,3 @@ def pack(weight: QuantizedWeight) -> Packed:
         return pack_int4(weight.codes, weight.scales, weight.offsets, weight.group_size)
     return pack_int8(weight.codes, weight.scales, weight.group_size)
 
-
-def segment_bits(segment: Segment) -> int | None:
-    if segment.packed is None:
-        return None
-    return 4 if isinstance(segment.packed, PackedInt4) else 8
