@@ -68,6 +68,26 @@ def gptq_quantize(
     )
     codes = torch.empty(n, k, dtype=torch.uint8 if scheme.bits == 4 else torch.int8)
     column_group = (order // group).tolist()
+    # The column loop is thousands of tiny ops: handing each to a second OpenMP thread costs more than the
+    # op (67 s instead of 1.5 s for a 4096 x 640 layer on a busy 2-core machine), so it runs on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _gptq_columns(w, u, codes, scales, offsets, static is not None, column_group, group, block_size, scheme)
+    finally:
+        torch.set_num_threads(threads)
+    unpermuted = torch.empty_like(codes)
+    unpermuted[:, order] = codes
+    return QuantizedWeight(scheme, unpermuted, scales.contiguous(), None if offsets is None else offsets.contiguous())
+
+
+def _gptq_columns(
+    w: torch.Tensor, u: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+    static: bool, column_group: list[int], group: int, block_size: int, scheme: QuantScheme,
+) -> None:
+    """Quantize w's columns in order, in place into codes/scales/offsets, spreading each column's error
+    over the columns not yet quantized (lazy block updates)."""
+    k = w.shape[1]
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
         block = w[:, start:end].clone()
@@ -76,7 +96,7 @@ def gptq_quantize(
         for i in range(end - start):
             col = start + i
             g = column_group[col]
-            if static is None and col % group == 0:
+            if not static and col % group == 0:
                 source = w[:, col : col + group] if i == 0 else block[:, i : i + group]
                 scales[:, g], offset = _group_params(source, scheme)
                 if offsets is not None:
@@ -88,9 +108,6 @@ def gptq_quantize(
             block[:, i:].sub_(err[:, None] * u_block[i, i:][None, :])
             errors[:, i] = err
         w[:, end:].sub_(errors @ u[start:end, end:])
-    unpermuted = torch.empty_like(codes)
-    unpermuted[:, order] = codes
-    return QuantizedWeight(scheme, unpermuted, scales.contiguous(), None if offsets is None else offsets.contiguous())
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
