@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any, Protocol
 
-ENGINES = ("ember-bf16", "ember-fp32", "llama.cpp", "hf-bf16", "hf-fp32")
+ENGINES = ("ember-gguf", "ember-bf16", "ember-fp32", "llama.cpp", "hf-bf16", "hf-fp32")
 BASELINE = "llama.cpp"
 RESULT_PREFIX = "BENCH_RESULT "
 MEMORY_BANDWIDTH_GBS = 48.0  # assumed DRAM bandwidth for the roofline estimate
@@ -77,12 +77,12 @@ class Result:
 
 
 class EmberRunner:
-    def __init__(self, dtype: str, kv_cache_dtype: str = "auto") -> None:
+    def __init__(self, dtype: str, kv_cache_dtype: str = "auto", quantization: str = "none") -> None:
         from ember import LLM, SamplingParams  # before torch: ember sets OMP_WAIT_POLICY at import
 
         self._params = SamplingParams
         # Prefix caching off: repeats of the same prompt would otherwise skip the prefill being measured.
-        self.llm = LLM(dtype=dtype, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
+        self.llm = LLM(dtype=dtype, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
 
     def generate(self, prompt: list[int], n: int) -> list[int]:
         params = self._params(temperature=0, max_tokens=n, ignore_eos=True)
@@ -152,8 +152,10 @@ class HFRunner:
 
 
 def make_runner(engine: str, model_path: str, n_ctx: int, kv_cache_dtype: str = "auto") -> Runner:
-    if engine == "ember-bf16":
+    if engine == "ember-bf16":  # the GGUF dequantized to bfloat16
         return EmberRunner("bfloat16", kv_cache_dtype)
+    if engine == "ember-gguf":  # the GGUF's Q4_K/Q5_0/Q6_K/Q8_0 weights kept quantized (ember's default)
+        return EmberRunner("bfloat16", kv_cache_dtype, quantization="auto")
     if engine == "ember-fp32":
         return EmberRunner("float32", kv_cache_dtype)
     if engine == "llama.cpp":
