@@ -2,7 +2,8 @@
 after the other on the same machine, same model, same prompts, at several request rates.
 
 Servers (each started here, warmed up with a few requests, measured, then stopped):
-- ember:             `ember serve` (continuous batching over the paged KV cache)
+- ember:             `ember serve` (continuous batching over the paged KV cache), GGUF weights kept quantized
+- ember-bf16:        the same with the weights dequantized to bfloat16 (`--quantization none`)
 - llama-server:      llama.cpp's own server binary with parallel slots (`--parallel`, continuous batching);
                      build it from llama.cpp's source (see bench/README.md) and pass --llama-server-bin
 - llama-cpp-python:  `python -m llama_cpp.server` (llama-cpp-python[server]); it runs one request at a time
@@ -38,10 +39,10 @@ def free_port() -> int:
 
 
 def server_command(kind: str, model: str, port: int, args: argparse.Namespace) -> list[str]:
-    if kind == "ember":
+    if kind in ("ember", "ember-bf16"):  # ember: the GGUF's weights kept quantized; ember-bf16: dequantized
         return [sys.executable, "-m", "ember.cli", "serve", "--model", model, "--port", str(port),
                 "--served-model-name", "model", "--max-num-seqs", str(args.max_num_seqs),
-                "--max-waiting-requests", "100000"]
+                "--max-waiting-requests", "100000", "--quantization", "auto" if kind == "ember" else "none"]
     if kind == "llama-server":
         return [args.llama_server_bin, "-m", model, "--port", str(port), "-t", "2", "-tb", "2",
                 "--parallel", str(args.parallel), "-c", str(args.parallel * args.slot_ctx), "-fa", "on",
