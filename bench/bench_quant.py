@@ -55,6 +55,21 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 
 
+def model_weight_bytes(model: Any) -> int:
+    """Bytes of every weight as held in memory: float parameters, plus the packed codes and scales of
+    quantized layers (kept by their per-layer method, not as parameters); a tied table counts once."""
+    seen: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    for module in model.modules():
+        for segment in getattr(getattr(module, "method", None), "segments", None) or []:
+            if segment.packed is not None:
+                seen[id(segment.packed)] = segment.packed.nbytes()
+            elif segment.weight is not None:
+                seen[id(segment.weight)] = segment.weight.numel() * segment.weight.element_size()
+    return sum(seen.values())
+
+
 def child(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Load one scheme and measure its speed (quality comes from `ember eval kld` in another process)."""
     import torch
@@ -64,9 +79,7 @@ def child(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     settings = {k: v for k, v in row.items() if k in ("quantization", "lm_head_quantization", "kv_cache_dtype")}
     llm = LLM(row["model"], dtype="bfloat16", **settings)
-    model = llm.engine.runner.model
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_bytes = model_weight_bytes(llm.engine.runner.model)
     tokenizer = llm.get_tokenizer()
     vocab = min(tokenizer.vocab_size, llm.engine.model_config.vocab_size)
 

@@ -15,8 +15,6 @@ F32/F16/BF16 tensors are not quantized: `to_quantized_weight` returns None for t
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable
 
 import numpy
@@ -24,7 +22,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ember.errors import CorruptModelError, UnsupportedModelError
-from ember.loader.gguf_quants import _fp16, _nibbles, _q4_k_scales
+from ember.loader.gguf_quants import _fp16, _nibbles, _q4_k_scales, quant_blocks
 from ember.quant.scheme import QuantizedWeight, QuantScheme
 
 _T = GGMLQuantizationType
@@ -99,25 +97,13 @@ def to_quantized_weight(raw: numpy.ndarray, qtype: GGMLQuantizationType, shape: 
         raise UnsupportedModelError(_unsupported(qtype))
     qtype = GGMLQuantizationType(qtype)
     convert, scheme = _CONVERTERS[qtype]
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    block_size = GGML_QUANT_SIZES[qtype][0]
     shape = tuple(int(s) for s in shape)
     if len(shape) != 2:
         raise CorruptModelError(f"GGUF {qtype.name} tensor of shape {shape}: only 2-D weights can stay quantized")
     rows, cols = shape
-    if cols % block_size:
-        raise CorruptModelError(
-            f"GGUF {qtype.name} tensor of shape {shape}: row length {cols} is not a multiple of the block size {block_size}"
-        )
-    n_blocks = math.prod(shape) // block_size
-    if raw.nbytes != n_blocks * type_size:
-        raise CorruptModelError(
-            f"GGUF {qtype.name} tensor of shape {shape} should have {n_blocks * type_size} bytes of data, "
-            f"found {raw.nbytes} (truncated or malformed file?)"
-        )
-    data = numpy.ascontiguousarray(raw).reshape(-1).view(numpy.uint8)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # only read
-        blocks = torch.from_numpy(data).view(n_blocks, type_size)
+    blocks = quant_blocks(raw, qtype, shape)
+    n_blocks = blocks.shape[0]
     g = scheme.group_size
     groups_per_block = block_size // g
     codes = torch.empty((n_blocks, block_size), dtype=torch.uint8 if scheme.bits == 4 else torch.int8)

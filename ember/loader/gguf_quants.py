@@ -128,6 +128,29 @@ def _type_name(qtype: GGMLQuantizationType | int) -> str:
         return f"#{int(qtype)}"
 
 
+def quant_blocks(raw: numpy.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """The raw bytes of a quantized tensor as [blocks, bytes per block] uint8, after checking that its rows
+    hold whole blocks and that the byte count matches the shape (a truncated file fails here)."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    row = shape[-1] if shape else 1
+    if row % block_size:
+        raise CorruptModelError(
+            f"GGUF {qtype.name} tensor of shape {shape}: row length {row} "
+            f"is not a multiple of the block size {block_size}"
+        )
+    n_blocks = math.prod(shape) // block_size
+    if raw.nbytes != n_blocks * type_size:
+        raise CorruptModelError(
+            f"GGUF {qtype.name} tensor of shape {shape} should have {n_blocks * type_size} bytes of data, "
+            f"found {raw.nbytes} (truncated or malformed file?)"
+        )
+    data = numpy.ascontiguousarray(raw).reshape(-1).view(numpy.uint8)
+    with warnings.catch_warnings():
+        # The GGUF mmap is read-only; we only ever read from this view.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(data).view(n_blocks, type_size)
+
+
 def dequantize(raw: numpy.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
     """Decode one GGUF tensor's data into a new float32 tensor of `shape`.
 
@@ -142,26 +165,9 @@ def dequantize(raw: numpy.ndarray, qtype: GGMLQuantizationType, shape: tuple[int
         name = _type_name(qtype)
         raise UnsupportedModelError(f"GGUF tensor type {name} is not supported (supported: {supported})")
     qtype = GGMLQuantizationType(qtype)
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
     shape = tuple(int(s) for s in shape)
-    n_elements = math.prod(shape)
-    row = shape[-1] if shape else 1
-    if row % block_size:
-        raise CorruptModelError(
-            f"GGUF {qtype.name} tensor of shape {shape}: row length {row} "
-            f"is not a multiple of the block size {block_size}"
-        )
-    n_blocks = n_elements // block_size
-    if raw.nbytes != n_blocks * type_size:
-        raise CorruptModelError(
-            f"GGUF {qtype.name} tensor of shape {shape} should have {n_blocks * type_size} bytes of data, "
-            f"found {raw.nbytes} (truncated or malformed file?)"
-        )
-    data = numpy.ascontiguousarray(raw).reshape(-1).view(numpy.uint8)
-    with warnings.catch_warnings():
-        # The GGUF mmap is read-only; we only ever read from this view.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        blocks = torch.from_numpy(data).view(n_blocks, type_size)
+    blocks = quant_blocks(raw, qtype, shape)
+    n_blocks, block_size = blocks.shape[0], GGML_QUANT_SIZES[qtype][0]
     out = torch.empty((n_blocks, block_size), dtype=torch.float32)
     step = max(1, _CHUNK_ELEMENTS // block_size)
     for start in range(0, n_blocks, step):
