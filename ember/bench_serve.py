@@ -70,12 +70,13 @@ class ServeResult:
 
 
 def summarize(values_s: list[float]) -> Summary:
-    import numpy as np
+    """Mean, median and p99 in milliseconds (ember.benchmark.stats), NaN for no values."""
+    from ember.benchmark import stats
 
     if not values_s:
         return Summary(float("nan"), float("nan"), float("nan"))
-    ms = np.asarray(values_s, dtype=float) * 1e3
-    return Summary(float(ms.mean()), float(np.median(ms)), float(np.percentile(ms, 99)))
+    s = stats(values_s)
+    return Summary(s.mean, s.p50, s.p99)
 
 
 def load_tokenizer(path: str | None) -> Any:
