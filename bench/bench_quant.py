@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="GGUF (default: Gemma 3 270M Q4_K_M)")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--no-quality", action="store_true", help="speed columns only")
+    parser.add_argument("--no-speed", action="store_true", help="quality columns only (no quiet machine needed)")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=16384, help="PTB test tokens scored (default: 16384)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -157,7 +159,7 @@ def main() -> None:
     log = os.path.join(work, "log.txt")
     ember_cli = [sys.executable, "-m", "ember.cli"]
     reference = os.path.join(work, f"reference-ctx{args.ctx}-{args.max_tokens}.pt")
-    if not os.path.exists(reference):
+    if not os.path.exists(reference) and not args.no_quality:
         run(ember_cli + ["eval", "kld", "--model", model, "--quantization", "none", "--dtype", "bfloat16",
                          "--ctx", str(args.ctx), "--max-tokens", str(args.max_tokens), "--save-reference", reference,
                          "--no-progress"], log)
@@ -175,15 +177,19 @@ def main() -> None:
                                  str(args.calib_samples), "--no-progress", *recipe], log)
                 row["calibration_s"] = time.perf_counter() - started
             row = {**row, "model": out_dir, "recipe": recipe}
-        quality_file = os.path.join(work, "quality.json")
-        run(ember_cli + ["eval", "kld", *eval_args(row), "--reference", reference, "--max-tokens",
-                         str(args.max_tokens), "--json", quality_file, "--no-progress"], log)
-        with open(quality_file) as f:
-            quality = json.load(f)
-        speed = json.loads(subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps(row), *sys.argv[1:]], check=True, capture_output=True,
-            text=True,
-        ).stdout.strip().splitlines()[-1])
+        quality: dict[str, Any] = {}
+        if not args.no_quality:
+            quality_file = os.path.join(work, "quality.json")
+            run(ember_cli + ["eval", "kld", *eval_args(row), "--reference", reference, "--max-tokens",
+                             str(args.max_tokens), "--json", quality_file, "--no-progress"], log)
+            with open(quality_file) as f:
+                quality = json.load(f)
+        speed: dict[str, Any] = {}
+        if not args.no_speed:
+            speed = json.loads(subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(row), *sys.argv[1:]], check=True, capture_output=True,
+                text=True,
+            ).stdout.strip().splitlines()[-1])
         entry = {"row": name, **row, "quality": quality, **speed}
         report["rows"].append(entry)
         print(json.dumps(entry), flush=True)
@@ -197,9 +203,15 @@ def main() -> None:
 
 
 def llama_cpp_row(model: str, args: argparse.Namespace, work: str, log: str) -> dict[str, Any]:
-    ppl_file = os.path.join(work, "llamacpp-ppl.json")
-    run([sys.executable, "-m", "ember.cli", "eval", "perplexity", "--engine", "llama.cpp", "--model", model,
-         "--ctx", str(args.ctx), "--max-tokens", str(args.max_tokens), "--json", ppl_file, "--no-progress"], log)
+    result: dict[str, Any] = {}
+    if not args.no_quality:
+        ppl_file = os.path.join(work, "llamacpp-ppl.json")
+        run([sys.executable, "-m", "ember.cli", "eval", "perplexity", "--engine", "llama.cpp", "--model", model,
+             "--ctx", str(args.ctx), "--max-tokens", str(args.max_tokens), "--json", ppl_file, "--no-progress"], log)
+        with open(ppl_file) as f:
+            result["perplexity"] = json.load(f)
+    if args.no_speed:
+        return result
     single = os.path.join(work, "llamacpp-single.json")
     run([sys.executable, os.path.join(HERE, "bench_single_stream.py"), "--engines", "llama.cpp", "--repeats",
          str(args.repeats), "--decode-tokens", str(args.decode_tokens), "--prompt-tokens", str(args.prompt_tokens),
@@ -207,8 +219,8 @@ def llama_cpp_row(model: str, args: argparse.Namespace, work: str, log: str) -> 
     batch = os.path.join(work, "llamacpp-throughput.json")
     run([sys.executable, os.path.join(HERE, "bench_throughput.py"), "--engines", "llama.cpp", "--num-prompts",
          str(args.num_prompts), "--input-len", str(args.io_len), "--output-len", str(args.io_len), "--out", batch], log)
-    with open(ppl_file) as f, open(single) as g, open(batch) as h:
-        return {"perplexity": json.load(f), "single": json.load(g), "throughput": json.load(h)}
+    with open(single) as g, open(batch) as h:
+        return {**result, "single": json.load(g), "throughput": json.load(h)}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -217,13 +229,14 @@ def table(report: dict[str, Any]) -> str:
         "| scheme | weight MB | ppl | Δppl | mean KLD | top-1 | decode tok/s | prefill tok/s | 64-req out tok/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for r in rows:
         q = r["quality"]
         lines.append(
-            f"| {r['row']} | {r['weight_bytes'] / 1e6:.0f} | {q.get('ppl', float('nan')):.3f} | "
-            f"{q.get('delta_ppl_pct', float('nan')):+.2f}% | {q.get('mean_kld', float('nan')):.4f} | "
-            f"{100 * q.get('top1_agreement', float('nan')):.2f}% | {r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | "
-            f"{r['throughput_out_tok_s']:.0f} |"
+            f"| {r['row']} | {r.get('weight_bytes', nan) / 1e6:.0f} | {q.get('ppl_model', nan):.3f} | "
+            f"{q.get('delta_ppl_pct', nan):+.2f}% | {q.get('mean_kld', nan):.4f} | "
+            f"{100 * q.get('top1_agreement', nan):.2f}% | {r.get('decode_tok_s', nan):.1f} | "
+            f"{r.get('prefill_tok_s', nan):.0f} | {r.get('throughput_out_tok_s', nan):.0f} |"
         )
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.kernels.fused_ops import argmax
 from ember.outputs import Logprob, PositionLogprobs
 
 
@@ -54,7 +55,7 @@ class Sampler:
         return SamplerOutput(token_list, position_logprobs, deltas)
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = argmax(logits)
         greedy = torch.tensor([r.temperature == 0.0 for r in rows], device=logits.device)
         if bool(greedy.all()):
             return greedy_tokens

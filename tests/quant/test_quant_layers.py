@@ -65,6 +65,18 @@ def test_rtn_codes_in_range_and_error_within_half_a_step(real_weight, text):
     assert (err <= bound * (1 + 1e-5) + 1e-7).all()
 
 
+@pytest.mark.parametrize("text", ["int4", "int4-g128", "int8", "int4-g64-sym"])
+def test_rtn_parameters_are_float16_values_so_packing_stores_two_bytes(real_weight, text):
+    from ember.kernels.quant_linear import pack_int4, pack_int8
+
+    q = quantize_rtn(real_weight, QuantScheme.parse(text))
+    for t in (q.scales, q.offsets):
+        assert t is None or torch.equal(t.to(torch.float16).float(), t)
+    g = q.group_size
+    packed = pack_int4(q.codes, q.scales, q.offsets, g) if q.offsets is not None else pack_int8(q.codes, q.scales, g)
+    assert packed.scales.dtype == torch.float16
+
+
 @pytest.mark.parametrize("text", SCHEMES)
 def test_quantized_linear_matches_float_within_the_scheme_bound(real_weight, text):
     scheme = QuantScheme.parse(text)

@@ -43,8 +43,6 @@ class Attention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.q_norm), apply_rotary(k, cos, sin, self.k_norm)
         out = batch.attention(self.layer_idx, q, k, v, self.scale, self.sliding_window, self.softcap)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ember.kernels.fused_ops import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -19,15 +20,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim), requires_grad=False)
-        self._offset_weight: torch.Tensor | None = None  # float32 (1 + w), made once after loading
+        self._multiplier: torch.Tensor | None = None  # float32 (1 + w) or w, made once after loading
 
     def process_weights_after_loading(self) -> None:
-        if self.unit_offset:
-            self._offset_weight = 1.0 + self.weight.float()
+        self._multiplier = self._make_multiplier()
+
+    def _make_multiplier(self) -> torch.Tensor:
+        return (1.0 + self.weight.float()) if self.unit_offset else self.weight.float()
+
+    @property
+    def multiplier(self) -> torch.Tensor:
+        """The float32 factor applied after normalizing (what the kernel takes)."""
+        return self._multiplier if self._multiplier is not None else self._make_multiplier()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (x.shape[-1],)
-        if self.unit_offset:
-            scale = self._offset_weight if self._offset_weight is not None else 1.0 + self.weight.float()
-            return F.rms_norm(x.float(), shape, scale, self.eps).type_as(x)
-        return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype)
+        return rms_norm(x, self.multiplier, self.eps, self.unit_offset)

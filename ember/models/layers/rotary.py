@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ember.config import RopeConfig
+from ember.kernels.fused_ops import norm_rotate_heads
+from ember.models.layers.norm import RMSNorm
 
 
 def inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -50,9 +52,9 @@ class RotaryEmbedding(nn.Module):
         return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos, signed sin: [T, 1, D] in x's dtype. x*cos + rotate_half(x)*sin, where
-    rotate_half(x) = [-x2, x1] = [x2, x1] * [-1, 1], the sign being folded into sin."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-    return torch.addcmul(x * cos, swapped, sin)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+    """x: [T, H, D]; cos, signed sin: [T, 1, D] in x's dtype -> [T, H, D]: x (first RMS-normalized per head
+    by `norm`, Gemma's and Qwen3's QK-norm) rotated: x*cos + rotate_half(x)*sin, one kernel call."""
+    if norm is None:
+        return norm_rotate_heads(x, cos, sin, None, 0.0, False)
+    return norm_rotate_heads(x, cos, sin, norm.multiplier, norm.eps, norm.unit_offset)
