@@ -50,8 +50,13 @@ ROWS: dict[str, dict[str, Any]] = {
     "gptq-g128 (head bf16)": {"checkpoint": "gptq-g128", "quantize": ["--method", "gptq", "--bits", "4", "--group-size", "128"]},
     "gptq-g128 (head int8)": {"checkpoint": "gptq-g128", "lm_head_quantization": "int8"},
     "awq-g128 (head bf16)": {"checkpoint": "awq-g128", "quantize": ["--method", "awq", "--bits", "4", "--group-size", "128"]},
+    "awq-g128 (head int8)": {"checkpoint": "awq-g128", "lm_head_quantization": "int8"},
     "gptq-g32 (head bf16)": {"checkpoint": "gptq-g32", "quantize": ["--method", "gptq", "--bits", "4", "--group-size", "32"]},
+    "gptq-g32 (head int8)": {"checkpoint": "gptq-g32", "lm_head_quantization": "int8"},
+    "gptq-g32 (head int4)": {"checkpoint": "gptq-g32", "lm_head_quantization": "int4-g32"},
     "awq-g32 (head bf16)": {"checkpoint": "awq-g32", "quantize": ["--method", "awq", "--bits", "4", "--group-size", "32"]},
+    "awq-g32 (head int8)": {"checkpoint": "awq-g32", "lm_head_quantization": "int8"},
+    "awq-g32 (head int4)": {"checkpoint": "awq-g32", "lm_head_quantization": "int4-g32"},
 }
 
 

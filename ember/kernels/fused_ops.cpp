@@ -53,7 +53,7 @@ inline void norm_row(const T* x, const float* w, int64_t d, float eps, bool gemm
   }
 }
 
-// Rotate one head in place: in = [x1, x2], out = round(round(in * cos) + [x2, x1] * sin).
+// Rotate one head: in = [x1, x2] (float), out = round(round(in * cos) + [x2, x1] * sin).
 template <typename T>
 inline void rope_row(const float* in, const T* cos, const T* sin, int64_t d, T* out) {
   const int64_t half = d / 2;

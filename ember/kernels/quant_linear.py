@@ -35,7 +35,8 @@ Routing and crossovers (bench/bench_quant_kernels.py; CPU shared with other jobs
 numbers are per-core CPU time, best of repeats, Gemma 3 270M shapes, int4/int8 g=32):
   * M <= 4: memory-bound, 28-35 GB/s of packed bytes per core; precise costs little. LM head
     262144x640 int4 g32 fp32 scales (126 MB): 3.9-4.5 ms on one core (bf16 F.linear 20 ms, torch
-    int4pack g128 6.2 ms, int8pack 10 ms); 2 threads are bounded by ~48 GB/s, i.e. ~2.6 ms.
+    int4pack g128 6.2 ms, int8pack 10 ms); 2 threads are bounded by ~48 GB/s, i.e. ~2.6 ms. With RTN's
+    float16-valued parameters (fp16 storage, 105 MB): 2.1 ms on 2 threads (50 GB/s), quiet machine.
   * M = 8..64: the kernel stays the fastest path with int8 activations (LM head M=64: 50 ms int4,
     62 ms int8 vs bf16 F.linear 69 ms, torch int4pack 147 ms per core). precise costs 1.5x (M=8) to
     1.5-1.8x (M=64): LM head M=64 precise int4 76 ms, int8 110 ms, so batched decode should pass

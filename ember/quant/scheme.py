@@ -1,7 +1,9 @@
 """Weight quantization schemes and the quantized-weight representation every producer shares.
 
 A weight W [N, K] is cut into groups of `g` consecutive input columns per output row; each group has
-its own fp32 scale (and, for asymmetric schemes, an fp32 offset):
+its own scale (and, for asymmetric schemes, an offset), held as fp32 here. RTN (and so GPTQ, which
+takes its group parameters from RTN) makes them float16 values, so the kernel stores 2 bytes each
+without loss; GGUF K-quant parameters need fp32 (or their own factored form):
 
 * int4 (asymmetric): codes uint8 in 0..15, W ~= codes * scale + offset
 * int8 (symmetric):  codes int8 in -128..127, W ~= codes * scale
@@ -15,8 +17,8 @@ Scheme strings (CLI `--quantization`, `LLM(quantization=...)`):
 * ``int8``        int8 symmetric, per output channel (g = K). Per-channel absmax loses almost nothing at
                   8 bits, and one scale per row is the cheapest to apply.
 * ``int4``        int4 asymmetric, groups of 32. At 4 bits per-channel RTN visibly hurts small models;
-                  32 matches GGUF's Q4_K / Q4_0 blocks and RTN quality, at 1 fp32 scale + offset per 32
-                  weights (2 extra bits per weight; g128 halves that at some accuracy cost).
+                  32 matches GGUF's Q4_K / Q4_0 blocks and RTN quality, at 1 fp16 scale + offset per 32
+                  weights (1 extra bit per weight; g128 quarters that at some accuracy cost).
 * ``int4-g128``, ``int8-g32``, ...  explicit group size (16, 32, 64, 128)
 * ``int4-pc`` / ``int8-pc``         explicit per channel
 * ``int4-sym``    int4 with a symmetric grid (codes - 8) * scale, stored as offset = -8 * scale
