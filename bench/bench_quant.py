@@ -149,8 +149,16 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/ember/bench_quant"))
     parser.add_argument("--out", default=None, help="JSON results")
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="print the table of saved --out files (merged)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        reports = []
+        for path in args.table:
+            with open(path) as f:
+                reports.append(json.load(f))
+        print(table(merge(reports)))
+        return
     if args.child:
         print(json.dumps(child(json.loads(args.child), args)))
         return
@@ -218,31 +226,73 @@ def llama_cpp_row(model: str, args: argparse.Namespace, work: str, log: str) -> 
     if args.no_speed:
         return result
     single = os.path.join(work, "llamacpp-single.json")
-    run([sys.executable, os.path.join(HERE, "bench_single_stream.py"), "--engines", "llama.cpp", "--repeats",
-         str(args.repeats), "--decode-tokens", str(args.decode_tokens), "--prompt-tokens", str(args.prompt_tokens),
+    run([sys.executable, os.path.join(HERE, "bench_single_stream.py"), "--model", model, "--engines", "llama.cpp",
+         "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens), "--prompt-tokens", str(args.prompt_tokens),
          "--prefill-tokens", str(args.prefill_tokens), "--out", single], log)
     batch = os.path.join(work, "llamacpp-throughput.json")
-    run([sys.executable, os.path.join(HERE, "bench_throughput.py"), "--engines", "llama.cpp", "--num-prompts",
-         str(args.num_prompts), "--input-len", str(args.io_len), "--output-len", str(args.io_len), "--out", batch], log)
+    run([sys.executable, os.path.join(HERE, "bench_throughput.py"), "--model", model, "--engines", "llama.cpp",
+         "--num-prompts", str(args.num_prompts), "--input-len", str(args.io_len), "--output-len", str(args.io_len), "--out", batch], log)
     with open(single) as g, open(batch) as h:
         return {**result, "single": json.load(g), "throughput": json.load(h)}
 
 
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs of the same rows (e.g. a --no-quality and a --no-speed run): later runs
+    fill in the fields earlier ones lack; llama.cpp's parts likewise."""
+    merged: dict[str, Any] = {"rows": [], "llama.cpp": {}}
+    by_name: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for row in report["rows"]:
+            if row["row"] not in by_name:
+                by_name[row["row"]] = {"quality": {}}
+                merged["rows"].append(by_name[row["row"]])
+            entry = by_name[row["row"]]
+            for key, value in row.items():
+                if key == "quality":
+                    entry["quality"] = entry["quality"] or value
+                else:
+                    entry.setdefault(key, value)
+        for key, value in (report.get("llama.cpp") or {}).items():
+            merged["llama.cpp"].setdefault(key, value)
+    return merged
+
+
 def table(report: dict[str, Any]) -> str:
-    rows = report["rows"]
-    lines = [
-        "| scheme | weight MB | ppl | Δppl | mean KLD | top-1 | decode tok/s | prefill tok/s | 64-req out tok/s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    """Markdown: every row, speed as a ratio to llama.cpp measured in the same run, then llama.cpp itself."""
     nan = float("nan")
-    for r in rows:
+    llama = report.get("llama.cpp") or {}
+    single = (llama.get("single") or {}).get("results", [{}])[0]
+    batch = (llama.get("throughput") or {}).get("results", [{}])[0]
+    base = {
+        "decode_tok_s": single.get("decode_tok_s", nan),
+        "prefill_tok_s": single.get("prefill_tok_s", nan),
+        "throughput_out_tok_s": batch.get("output_tok_s", nan),
+    }
+
+    def speed(r: dict[str, Any], key: str, digits: int) -> str:
+        value = r.get(key, nan)
+        return f"{value:.{digits}f} ({value / base[key]:.2f}x)"
+
+    lines = [
+        "| scheme | weight MB | ppl | Δppl | mean KLD | p99 KLD | top-1 | decode tok/s | prefill tok/s | "
+        "batch out tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
         q = r["quality"]
         lines.append(
-            f"| {r['row']} | {r.get('weight_bytes', nan) / 1e6:.0f} | {q.get('ppl_model', nan):.3f} | "
-            f"{q.get('delta_ppl_pct', nan):+.2f}% | {q.get('mean_kld', nan):.4f} | "
-            f"{100 * q.get('top1_agreement', nan):.2f}% | {r.get('decode_tok_s', nan):.1f} | "
-            f"{r.get('prefill_tok_s', nan):.0f} | {r.get('throughput_out_tok_s', nan):.0f} |"
+            f"| {r['row']} | {r.get('weight_bytes', nan) / 1e6:.0f} | {q.get('ppl_model', nan):.2f} | "
+            f"{q.get('delta_ppl_pct', nan):+.2f}% | {q.get('mean_kld', nan):.4f} | {q.get('p99_kld', nan):.3f} | "
+            f"{100 * q.get('top1_agreement', nan):.1f}% | {speed(r, 'decode_tok_s', 1)} | "
+            f"{speed(r, 'prefill_tok_s', 0)} | {speed(r, 'throughput_out_tok_s', 0)} |"
         )
+    ppl = (llama.get("perplexity") or {}).get("ppl", nan)
+    reference = next((r["quality"].get("ppl_reference") for r in report["rows"] if r["quality"]), nan)
+    lines.append(
+        f"| llama.cpp (same GGUF) | – | {ppl:.2f} | {100 * (ppl / reference - 1):+.2f}% | – | – | – | "
+        f"{base['decode_tok_s']:.1f} (1.00x) | {base['prefill_tok_s']:.0f} (1.00x) | "
+        f"{base['throughput_out_tok_s']:.0f} (1.00x) |"
+    )
     return "\n".join(lines)
 
 

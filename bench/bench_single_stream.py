@@ -305,11 +305,11 @@ def make_prompt(tokenizer: Any, length: int) -> list[int]:
         text += PROMPT_TEXT
 
 
-def write_prompts(prompt_tokens: int, prefill_tokens: int) -> str:
+def write_prompts(prompt_tokens: int, prefill_tokens: int, model: str | None = None) -> str:
     from ember.model_zoo import default_model_path
     from ember.tokenizer import Tokenizer
 
-    model = default_model_path()
+    model = model or default_model_path()
     tokenizer = Tokenizer.from_pretrained(model)
     spec = {
         "model": model,
@@ -440,6 +440,7 @@ def print_machine(info: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    parser.add_argument("--model", default=None, help="GGUF file (default: Gemma 3 270M Q4_K_M)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (best is kept)")
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -469,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit("--decode-tokens must be at least 2")
     info = machine_info()
     print_machine(info)
-    prompts_file = write_prompts(args.prompt_tokens, args.prefill_tokens)
+    prompts_file = write_prompts(args.prompt_tokens, args.prefill_tokens, args.model)
     try:
         if args.profile:
             report = run_child(["ember-bf16", "--profile", "--prompts-file", prompts_file])

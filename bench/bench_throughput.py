@@ -347,7 +347,7 @@ def write_workload(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     from ember.model_zoo import default_model_path
     from ember.tokenizer import Tokenizer
 
-    model = default_model_path()
+    model = args.model or default_model_path()
     tokenizer = Tokenizer.from_pretrained(model)
     input_len = args.input_len if args.dataset == "random" else None
     requests = make_requests(tokenizer, args.dataset, args.num_prompts, input_len, args.output_len, args.seed)
@@ -420,6 +420,7 @@ def agreement_note(results: Sequence[dict[str, Any]]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    parser.add_argument("--model", default=None, help="GGUF file (default: Gemma 3 270M Q4_K_M)")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (random dataset)")
     parser.add_argument("--output-len", type=int, default=None,

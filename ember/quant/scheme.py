@@ -172,7 +172,9 @@ def quantize_rtn(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
 _RTN_CHUNK_ELEMENTS = 1 << 22
 
 
-def _rtn_rows(weight: torch.Tensor, scheme: QuantScheme, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _rtn_rows(
+    weight: torch.Tensor, scheme: QuantScheme, g: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Group parameters are made float16 values (scales rounded up, offsets down, so the grid still spans each
     group and the error stays within half a step) before the codes are chosen against them: the kernel then
     stores 2-byte instead of 4-byte parameters losslessly (int4-g32: 0.625 instead of 0.75 bytes per weight)."""
