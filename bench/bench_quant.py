@@ -152,6 +152,9 @@ def main() -> None:
     parser.add_argument("--table", nargs="+", metavar="JSON", help="print the table of saved --out files (merged)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = [name for name in args.rows.split(",") if name not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(map(repr, unknown))}; choose from: {', '.join(ROWS)}")
     if args.table:
         reports = []
         for path in args.table:
@@ -227,11 +230,12 @@ def llama_cpp_row(model: str, args: argparse.Namespace, work: str, log: str) -> 
         return result
     single = os.path.join(work, "llamacpp-single.json")
     run([sys.executable, os.path.join(HERE, "bench_single_stream.py"), "--model", model, "--engines", "llama.cpp",
-         "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens), "--prompt-tokens", str(args.prompt_tokens),
-         "--prefill-tokens", str(args.prefill_tokens), "--out", single], log)
+         "--repeats", str(args.repeats), "--decode-tokens", str(args.decode_tokens),
+         "--prompt-tokens", str(args.prompt_tokens), "--prefill-tokens", str(args.prefill_tokens), "--out", single], log)
     batch = os.path.join(work, "llamacpp-throughput.json")
     run([sys.executable, os.path.join(HERE, "bench_throughput.py"), "--model", model, "--engines", "llama.cpp",
-         "--num-prompts", str(args.num_prompts), "--input-len", str(args.io_len), "--output-len", str(args.io_len), "--out", batch], log)
+         "--num-prompts", str(args.num_prompts), "--input-len", str(args.io_len), "--output-len", str(args.io_len),
+         "--out", batch], log)
     with open(single) as g, open(batch) as h:
         return {**result, "single": json.load(g), "throughput": json.load(h)}
 

@@ -82,7 +82,9 @@ class EmberRunner:
 
         self._params = SamplingParams
         # Prefix caching off: repeats of the same prompt would otherwise skip the prefill being measured.
-        self.llm = LLM(dtype=dtype, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+        self.llm = LLM(
+            dtype=dtype, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype, quantization=quantization
+        )
 
     def generate(self, prompt: list[int], n: int) -> list[int]:
         params = self._params(temperature=0, max_tokens=n, ignore_eos=True)

@@ -29,7 +29,9 @@ def add_eval_parser(commands: Any) -> None:
             help="ember weight quantization as in `ember generate` (auto, none = dequantize, int4, ...; default: auto)",
         )
         sub.add_argument("--lm-head-quantization", default=None, help="ember LM head quantization (default: auto)")
-        sub.add_argument("--kv-cache-dtype", default=None, help="ember KV cache storage: auto, int8, fp8_e4m3 (default: auto)")
+        sub.add_argument(
+            "--kv-cache-dtype", default=None, help="ember KV cache storage: auto, int8, fp8_e4m3 (default: auto)"
+        )
         sub.add_argument(
             "--text", default="ptb-test", help="ptb-test, ptb-valid, ptb-train or a UTF-8 file (default: ptb-test)"
         )

@@ -55,6 +55,5 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
     """x: [T, H, D]; cos, signed sin: [T, 1, D] in x's dtype -> [T, H, D]: x (first RMS-normalized per head
     by `norm`, Gemma's and Qwen3's QK-norm) rotated: x*cos + rotate_half(x)*sin, one kernel call."""
-    if norm is None:
-        return norm_rotate_heads(x, cos, sin, None, 0.0, False)
-    return norm_rotate_heads(x, cos, sin, norm.multiplier, norm.eps, norm.unit_offset)
+    weight, eps, unit_offset = (norm.multiplier, norm.eps, norm.unit_offset) if norm else (None, 0.0, False)
+    return norm_rotate_heads(x, cos, sin, weight, eps, unit_offset)
