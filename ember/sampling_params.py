@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ember.errors import InvalidRequestError
@@ -48,6 +49,8 @@ class SamplingParams:
     """Number of top log-probabilities returned per prompt token."""
     skip_special_tokens: bool = True
     """Leave special tokens (e.g. end-of-turn) out of the output text."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of the given token ids before sampling (OpenAI/vLLM semantics, -100..100)."""
     spaces_between_special_tokens: bool = True
     """Accepted for vLLM compatibility; decoding follows the tokenizer's own rules."""
     _stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
@@ -55,6 +58,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self._stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -98,10 +102,14 @@ class SamplingParams:
             )
         _check(all(isinstance(s, str) and s for s in self._stop_strings), "stop must be a non-empty string or list of them")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids (>= 0)")
+        for token, bias in (self.logit_bias or {}).items():
+            _check(isinstance(token, int) and not isinstance(token, bool) and token >= 0,
+                   f"logit_bias keys must be token ids (>= 0), got {token!r}")
+            _check(_is_number(bias) and -100 <= bias <= 100, f"logit_bias values must be in [-100, 100], got {bias!r}")
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # rejects NaN
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -83,6 +83,7 @@ class LLMEngine:
         text, token_ids = prompt if isinstance(prompt, TokenizedPrompt) else self.process_prompt(prompt)
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self._check_token_ids(params)
         limit = self.max_model_len if params.max_tokens is None else len(token_ids) + params.max_tokens
         if limit > self.max_model_len:
             raise InvalidRequestError(
@@ -137,6 +138,13 @@ class LLMEngine:
                 f"{self.max_model_len} tokens, including at least one generated token"
             )
         return TokenizedPrompt(text, token_ids)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or {}))):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                raise InvalidRequestError(f"{name}: token id {outside[0]} is outside the vocabulary [0, {vocab})")
 
     def abort_request(self, request_id: str) -> None:
         for child in self._requests.pop(request_id, []):
