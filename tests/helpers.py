@@ -40,7 +40,9 @@ def batch_logits(model: CausalLM, prompts: list[list[int]]) -> list[torch.Tensor
 def assert_no_leak(engine) -> None:  # noqa: ANN001 - an LLMEngine
     """Every KV block is back in the pool and no request is left anywhere."""
     assert not engine.has_unfinished_requests()
-    assert not engine._requests  # noqa: SLF001
+    assert not engine.output_processor.requests and not engine.scheduler.requests
+    # The runner drops finished requests' state at its next step, when the scheduler tells it.
+    assert set(engine.runner.input_batch.states) <= set(engine.scheduler._dropped)  # noqa: SLF001
     for manager in engine.kv_manager.managers:
         assert not manager.tables
         assert manager.num_free_blocks == manager.num_blocks

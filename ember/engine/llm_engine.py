@@ -8,7 +8,6 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import torch
 
 from ember.config import EngineConfig, resolve_dtype
 from ember.engine.block_manager import KVCacheManager
@@ -18,11 +17,13 @@ from ember.errors import InvalidRequestError
 from ember.loader.model_loader import load_model, resolve_model
 from ember.model_zoo import default_model_path
 from ember.quant.config import QuantConfig
-from ember.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
+from ember.engine.output_processor import OutputProcessor
+from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
+from ember.spec.config import SpeculativeConfig, make_proposer
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 from ember.worker.kv_cache import KVGroupSpec, PagedKVCache, bytes_per_block, kv_quant_scheme
-from ember.worker.model_runner import ModelRunner, ModelRunnerOutput
+from ember.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("ember")
 
@@ -43,6 +44,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype)
         quant = QuantConfig.from_settings(config.quantization, config.lm_head_quantization)  # fails before loading
         kv_quant_scheme(config.kv_cache_dtype)  # a bad value fails here, before the model loads
+        self.speculative_config = SpeculativeConfig.parse(config.speculative_config)
         # A GGUF's tokenizer comes from the file resolve_model already parsed.
         self.tokenizer = (
             Tokenizer.from_gguf(source.gguf_file) if source.gguf_file is not None else Tokenizer.from_pretrained(path)
@@ -54,12 +56,10 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             [(spec.num_blocks, spec.window) for spec in kv_cache.groups], config.block_size, config.enable_prefix_caching
         )
-        self.runner = ModelRunner(model, kv_cache, config.device)
+        self.runner = ModelRunner(model, kv_cache, config.device, make_proposer(self.speculative_config))
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = random.Random(config.seed)
-        self._requests: dict[str, list[Request]] = {}  # user request id -> its n sequences
-        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
-        self._emitted: dict[int, int] = {}  # chars of output_text already streamed, by id(request)
         groups = ", ".join(f"{g.name}: {len(g.layers)} layers x {g.num_blocks} blocks" for g in kv_cache.groups)
         logger.info(
             "ember: %s (%s, %s) on %s; context %d tokens; KV cache holds %d tokens as %s (%s, block size %d)",
@@ -81,7 +81,7 @@ class LLMEngine:
         HTTP request came in, so queue time and TTFT include its wait before reaching the engine."""
         params = params or SamplingParams()
         text, token_ids = prompt if isinstance(prompt, TokenizedPrompt) else self.process_prompt(prompt)
-        if request_id in self._requests:
+        if request_id in self.output_processor.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._check_token_ids(params)
         limit = self.max_model_len if params.max_tokens is None else len(token_ids) + params.max_tokens
@@ -104,19 +104,17 @@ class LLMEngine:
                 prompt_token_ids=token_ids,
                 params=params,
                 max_total_len=limit,
-                generator=torch.Generator().manual_seed(seed),
+                seed=seed,
                 eos_token_ids=self.eos_token_ids,
                 parent_id=request_id,
                 index=index,
                 arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens),
             )
             if params.logprobs is not None:
                 child.logprobs, child.cumulative_logprob = [], 0.0
             children.append(child)
-        self._requests[request_id] = children
-        for child in children:
-            self._detokenizers[id(child)] = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-            self._emitted[id(child)] = 0
+        self.output_processor.add(request_id, children)
         # Siblings fork off the first one once its prompt is computed, sharing its KV blocks.
         children[0].pending_forks = children[1:]
         self.scheduler.add(children[0])
@@ -147,9 +145,8 @@ class LLMEngine:
                 raise InvalidRequestError(f"{name}: token id {outside[0]} is outside the vocabulary [0, {vocab})")
 
     def abort_request(self, request_id: str) -> None:
-        for child in self._requests.pop(request_id, []):
+        for child in self.output_processor.pop(request_id):
             self.scheduler.finish(child, FinishReason.ABORT)
-            self._forget(child)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -160,19 +157,8 @@ class LLMEngine:
         if scheduled.is_empty():
             return []
         result = self.runner.execute(scheduled)
-        for item in scheduled.scheduled:
-            request = item.request
-            if request.request_id in result.prompt_logprobs:
-                request.prompt_logprobs = (request.prompt_logprobs or []) + result.prompt_logprobs[request.request_id]
-            request.num_computed_tokens += item.num_new_tokens
-        self.scheduler.after_step(scheduled)
-        touched: dict[str, None] = {}
-        for item in scheduled.scheduled:
-            for child in item.fork_children:  # before the parent may finish and free the shared blocks
-                self._fork(item.request, child, result)
-            self._take_sample(item.request, result)
-            touched[item.request.parent_id] = None
-        return [self._make_output(parent) for parent in touched]
+        updates = self.scheduler.update_from_output(scheduled, result)
+        return self.output_processor.process(updates)
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -218,110 +204,3 @@ class LLMEngine:
         return PagedKVCache(
             groups, block_size, cfg.num_key_value_heads, cfg.head_dim, self.dtype, config.device, config.kv_cache_dtype
         )
-
-    def _fork(self, parent: Request, child: Request, result: ModelRunnerOutput) -> None:
-        if self.scheduler.fork(parent, child):
-            self._take_sample(child, result)
-        else:  # no room to share blocks now: the sibling computes its own prompt later (prefix cache hits)
-            self.scheduler.add(child)
-
-    def _take_sample(self, request: Request, result: ModelRunnerOutput) -> None:
-        token = result.sampled_token_ids.get(request.request_id)
-        if token is None or request.is_finished:
-            return
-        self._append_token(request, token, result.logprobs[request.request_id], result.logprob_deltas[request.request_id])
-
-    def _append_token(self, request: Request, token: int, logprobs: PositionLogprobs | None, delta: float | None) -> None:
-        if request.first_token_time is None:
-            request.first_token_time = time.monotonic()
-        request.output_token_ids.append(token)
-        if logprobs is not None and request.logprobs is not None:
-            for token_id, entry in logprobs.items():
-                entry.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            request.logprobs.append(logprobs)
-            request.cumulative_logprob = (request.cumulative_logprob or 0.0) + (delta or 0.0)
-        new_text = self._detokenizers[id(request)].add(token)
-        request.output_text += new_text
-        reason = self._stop_check(request, token, len(new_text))
-        if reason is None:
-            return
-        if not isinstance(request.stop_reason, str):  # text cut at a stop string needs nothing more
-            request.output_text += self._detokenizers[id(request)].flush()
-        self.scheduler.finish(request, reason)
-
-    def _stop_check(self, request: Request, token: int, new_chars: int) -> FinishReason | None:
-        params = request.params
-        if len(request.output_token_ids) >= params.min_tokens:
-            if token in request.eos_token_ids and not params.ignore_eos:
-                return FinishReason.STOP
-            if token in params.stop_token_ids:
-                request.stop_reason = token
-                return FinishReason.STOP
-            if self._truncate_at_stop_string(request, new_chars):
-                return FinishReason.STOP
-        if request.num_tokens >= request.max_total_len:
-            return FinishReason.LENGTH
-        return None
-
-    def _truncate_at_stop_string(self, request: Request, new_chars: int) -> bool:
-        params = request.params
-        if not params.stop_strings or new_chars == 0:
-            return False
-        longest = max(len(s) for s in params.stop_strings)
-        # Only a stop string ending in the new text can be new.
-        search_from = max(0, len(request.output_text) - new_chars - longest + 1)
-        for stop in params.stop_strings:
-            found = request.output_text.find(stop, search_from)
-            if found != -1:
-                end = found + len(stop) if params.include_stop_str_in_output else found
-                request.output_text = request.output_text[:end]
-                request.stop_reason = stop
-                return True
-        return False
-
-    def _make_output(self, parent_id: str) -> RequestOutput:
-        children = self._requests[parent_id]
-        first = children[0]
-        completions = [self._completion(child) for child in children]
-        finished = all(child.is_finished for child in children)
-        if finished:
-            del self._requests[parent_id]
-            for child in children:
-                self._forget(child)
-        return RequestOutput(
-            request_id=parent_id,
-            prompt=first.prompt,
-            prompt_token_ids=first.prompt_token_ids,
-            outputs=completions,
-            finished=finished,
-            prompt_logprobs=first.prompt_logprobs,
-            metrics=RequestMetrics(
-                arrival_time=first.arrival_time,
-                first_scheduled_time=first.first_scheduled_time,
-                first_token_time=first.first_token_time,
-                finished_time=time.monotonic() if finished else None,
-            ),
-        )
-
-    def _completion(self, request: Request) -> CompletionOutput:
-        emitted = self._emitted.get(id(request), len(request.output_text))
-        text = request.output_text
-        visible = len(text)
-        if not request.is_finished and request.params.stop_strings:
-            # Hold back a tail that may turn out to be the start of a stop string.
-            visible = max(emitted, len(text) - max(len(s) for s in request.params.stop_strings) + 1)
-        self._emitted[id(request)] = visible
-        return CompletionOutput(
-            index=request.index,
-            text=text[:visible] if not request.is_finished else text,
-            token_ids=list(request.output_token_ids),
-            cumulative_logprob=request.cumulative_logprob,
-            logprobs=request.logprobs,
-            finish_reason=request.finish_reason.value if request.finish_reason else None,
-            stop_reason=request.stop_reason,
-            delta_text=text[emitted:visible] if not request.is_finished else text[emitted:],
-        )
-
-    def _forget(self, request: Request) -> None:
-        self._detokenizers.pop(id(request), None)
-        self._emitted.pop(id(request), None)

@@ -6,11 +6,10 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from ember.engine.block_manager import block_hashes
 from ember.outputs import PositionLogprobs
 from ember.sampling_params import SamplingParams
+from ember.tokenizer import IncrementalDetokenizer
 
 
 class RequestStatus(enum.Enum):
@@ -35,7 +34,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_total_len: int  # prompt + outputs stop here (max_tokens or the context limit)
-    generator: torch.Generator
+    seed: int  # the sampling noise at each position derives from (seed, position): see worker/sampling_noise.py
     eos_token_ids: list[int]
     parent_id: str  # the user's request id (differs for the children of n > 1)
     index: int = 0  # which of the parent's n completions this is
@@ -47,6 +46,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hash chain of the full blocks of all_token_ids
     pending_forks: list[Request] = field(default_factory=list)  # n > 1: siblings that fork off after the prompt
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify in the next step
+    detokenizer: IncrementalDetokenizer | None = None  # None: no text is kept (model-free scheduler tests)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     output_text: str = ""

@@ -1,39 +1,67 @@
-"""Decides which tokens each step computes (vLLM v1's model, kept small).
+"""Decides which tokens each step computes, and applies what the step produced (vLLM v1's model, kept small).
 
-Every request has `num_computed_tokens` catching up with its tokens; one token budget per step covers
-prefill, chunked prefill, decode and prefix-cache hits alike. Running requests go first (decode, or the
-next chunk of a long prompt), then waiting requests fill what is left, first come first served. When
-KV blocks run out, the most recently admitted running request is preempted: its blocks are freed and it
-goes back to the front of the waiting queue, to be recomputed (prefix caching makes that cheap).
+Every request has `num_computed_tokens` catching up with its tokens plus any draft tokens; one token
+budget per step covers prefill, chunked prefill, decode, speculative verification and prefix-cache hits
+alike. Running requests go first (decode, or the next chunk of a long prompt), then waiting requests fill
+what is left, first come first served. When KV blocks run out, the most recently admitted running request
+is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be recomputed
+(prefix caching makes that cheap).
+
+`schedule()` returns plain data for the model runner (which keeps its own copy of each request's state);
+`update_from_output()` is the one place a step's results are applied: tokens appended, rejected drafts
+rolled back, verified blocks registered in the prefix cache, stop conditions checked, requests finished.
 """
 
 from __future__ import annotations
 
 import time
-
 from collections import deque
 from dataclasses import dataclass, field
 
 from ember.engine.block_manager import KVCacheManager
 from ember.engine.request import FinishReason, Request, RequestStatus
+from ember.engine.stop import check_stop
+from ember.outputs import PositionLogprobs
+from ember.sampling_params import SamplingParams
+from ember.worker.runner_output import ModelRunnerOutput
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (first admission, or again after a preemption)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens generated before a preemption
+    params: SamplingParams
+    seed: int
+    eos_token_ids: list[int]
+
+
+@dataclass
+class ForkData:
+    """An n > 1 sibling that samples its first token from its parent's last prompt row."""
+
+    request_id: str
+    seed: int
 
 
 @dataclass
 class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    block_tables: list[list[int]]  # per layer group; the block manager's live lists
-    fork_children: list[Request] = field(default_factory=list)  # n > 1 siblings sampled from this row
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the request's tokens, so a new token is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    request_id: str
+    num_computed_tokens: int  # tokens whose KV is in the cache before this step
+    num_new_tokens: int  # tokens computed this step, drafts included
+    block_ids: list[list[int]]  # per layer group, the request's whole block table (a copy)
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts appended after the request's tokens
+    forks: list[ForkData] = field(default_factory=list)
+    samples: bool = False  # the chunk reaches the end of the request's tokens: sample (and verify drafts)
 
 
 @dataclass
 class SchedulerOutput:
+    new_requests: list[NewRequestData] = field(default_factory=list)
     scheduled: list[ScheduledRequest] = field(default_factory=list)
+    dropped_request_ids: list[str] = field(default_factory=list)  # finished or preempted since the last step
     block_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (group, source, destination)
 
     @property
@@ -44,21 +72,55 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass
+class RequestUpdate:
+    """What one step changed in one request (the front end turns it into a RequestOutput)."""
+
+    request: Request
+    new_token_ids: list[int]
+
+
+@dataclass
+class SpecDecodeStats:
+    """vLLM's speculative-decoding counters."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_draft_tokens:
+            self.accepted_per_position.extend([0] * (num_draft_tokens - len(self.accepted_per_position)))
+        for position in range(num_accepted):
+            self.accepted_per_position[position] += 1
+
+
 class Scheduler:
     def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.kv = kv_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.spec_stats = SpecDecodeStats()
         self._pending_copies: list[tuple[int, int, int]] = []
+        self._dropped: list[str] = []
+        self._forking: dict[str, list[Request]] = {}  # parent id -> siblings forking off it this step
 
     def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    # -- schedule ---------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(block_copies=self._pending_copies)
@@ -67,51 +129,15 @@ class Scheduler:
         budget, preempted = self._schedule_running(out, budget)
         if not preempted:
             self._schedule_waiting(out, budget)
+        out.dropped_request_ids, self._dropped = self._dropped, []
         return out
-
-    def finish(self, request: Request, reason: FinishReason) -> None:
-        """Take the request out of the queues and return its blocks."""
-        if request.is_finished:
-            return
-        request.status = RequestStatus.FINISHED
-        request.finish_reason = reason
-        if request in self.waiting:
-            self.waiting.remove(request)
-        if request in self.running:
-            self.running.remove(request)
-        self.kv.free(request.request_id)
-        for child in request.pending_forks:  # an unforked sibling runs on as an ordinary request
-            self.waiting.appendleft(child)
-        request.pending_forks = []
-
-    def after_step(self, scheduled: SchedulerOutput) -> None:
-        """Register newly filled blocks in the prefix cache and fork n > 1 siblings off their prompt."""
-        for item in scheduled.scheduled:
-            request = item.request
-            if request.is_finished:
-                continue
-            hashes = request.update_block_hashes(self.kv.block_size)
-            self.kv.cache_full_blocks(request.request_id, hashes[: request.num_computed_tokens // self.kv.block_size], request.all_token_ids)
-
-    def fork(self, parent: Request, child: Request) -> bool:
-        """Give `child` the parent's prompt blocks (its first token is already sampled). False: no room."""
-        if len(self.running) >= self.max_num_seqs:
-            return False
-        copies = self.kv.fork(parent.request_id, child.request_id, parent.num_prompt_tokens)
-        if copies is None:
-            return False
-        self._pending_copies.extend(copies)
-        child.num_computed_tokens = parent.num_prompt_tokens
-        child.status = RequestStatus.RUNNING
-        self.running.append(child)
-        return True
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
         preempted = False
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens, budget)
             while not self.kv.allocate(request.request_id, request.num_computed_tokens, num_new):
                 victim = self.running[-1]  # the most recently admitted
                 self._preempt(victim)
@@ -137,16 +163,32 @@ class Scheduler:
             self.waiting.popleft()
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
+            request.spec_token_ids = []
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
+            out.new_requests.append(
+                NewRequestData(
+                    request.request_id, list(request.prompt_token_ids), list(request.output_token_ids),
+                    request.params, request.seed, request.eos_token_ids,
+                )
+            )
             self._add(out, request, num_new)
             budget -= num_new
 
     def _add(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
-        item = ScheduledRequest(request, num_new, self.kv.block_tables(request.request_id))
-        if item.samples and not request.output_token_ids:
-            item.fork_children = request.pending_forks
+        real = request.num_tokens - request.num_computed_tokens  # tokens before the drafts
+        item = ScheduledRequest(
+            request.request_id,
+            request.num_computed_tokens,
+            num_new,
+            [list(table) for table in self.kv.block_tables(request.request_id)],
+            spec_token_ids=request.spec_token_ids[: max(0, num_new - real)],
+            samples=num_new >= real,
+        )
+        if item.samples and not request.output_token_ids and request.pending_forks:
+            self._forking[request.request_id] = request.pending_forks
+            item.forks = [ForkData(child.request_id, child.seed) for child in request.pending_forks]
             request.pending_forks = []
         out.scheduled.append(item)
 
@@ -154,6 +196,110 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request.request_id)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
+        self._dropped.append(request.request_id)
         self.num_preemptions += 1
+
+    # -- update -----------------------------------------------------------------------------------
+
+    def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestUpdate]:
+        """Apply one step's results: per scheduled request (and each sibling forked off it), the new
+        tokens, in order. Returns what changed in each request that advanced."""
+        updates: list[RequestUpdate] = []
+        for item in out.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None or request.is_finished:
+                continue
+            row = result.row_of(item.request_id)
+            tokens = result.sampled_token_ids[row] if row is not None else []
+            prompt_logprobs = result.prompt_logprobs.get(item.request_id)
+            if prompt_logprobs is not None:
+                request.prompt_logprobs = (request.prompt_logprobs or []) + prompt_logprobs
+            rejected = len(item.spec_token_ids) - (len(tokens) - 1) if tokens else 0
+            request.num_computed_tokens += item.num_new_tokens - rejected
+            request.spec_token_ids = []
+            if item.spec_token_ids:
+                self.spec_stats.record(len(item.spec_token_ids), len(item.spec_token_ids) - rejected)
+            for child in self._forking.pop(item.request_id, []):  # before the parent may finish and free blocks
+                updates.extend(self._fork(request, child, result))
+            new = self._append_tokens(request, tokens, result.logprobs[row] if row is not None else None)
+            if not request.is_finished:
+                self._register_blocks(request)
+                if row is not None:
+                    self._set_drafts(request, result.spec_token_ids[row])
+            updates.append(RequestUpdate(request, new))
+        return updates
+
+    def _fork(self, parent: Request, child: Request, result: ModelRunnerOutput) -> list[RequestUpdate]:
+        """Give `child` the parent's prompt blocks and its first token; with no room, it computes its own
+        prompt later (prefix-cache hits make that cheap)."""
+        row = result.row_of(child.request_id)
+        copies = None
+        if len(self.running) < self.max_num_seqs and row is not None:
+            copies = self.kv.fork(parent.request_id, child.request_id, parent.num_prompt_tokens)
+        if copies is None:
+            self._dropped.append(child.request_id)  # the runner made state for it; the request starts over
+            self.add(child)
+            return []
+        self._pending_copies.extend(copies)
+        self.requests[child.request_id] = child
+        child.num_computed_tokens = parent.num_prompt_tokens
+        child.status = RequestStatus.RUNNING
+        child.first_scheduled_time = parent.first_scheduled_time
+        self.running.append(child)
+        new = self._append_tokens(child, result.sampled_token_ids[row], result.logprobs[row])
+        if not child.is_finished:
+            self._set_drafts(child, result.spec_token_ids[row])
+        return [RequestUpdate(child, new)]
+
+    def _append_tokens(
+        self, request: Request, tokens: list[int], logprobs: list[PositionLogprobs] | None
+    ) -> list[int]:
+        """Append tokens one at a time, stopping at the first that ends the request."""
+        for i, token in enumerate(tokens):
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            request.output_token_ids.append(token)
+            if logprobs is not None and request.logprobs is not None:
+                request.logprobs.append(logprobs[i])
+                request.cumulative_logprob = (request.cumulative_logprob or 0.0) + logprobs[i][token].logprob
+            reason = check_stop(request, token)
+            if reason is not None:
+                self.finish(request, reason)
+                return tokens[: i + 1]
+        return tokens
+
+    def _register_blocks(self, request: Request) -> None:
+        """Only blocks whose every position holds a verified token enter the prefix cache."""
+        hashes = request.update_block_hashes(self.kv.block_size)
+        full = request.num_computed_tokens // self.kv.block_size
+        self.kv.cache_full_blocks(request.request_id, hashes[:full], request.all_token_ids)
+
+    def _set_drafts(self, request: Request, drafts: list[int]) -> None:
+        # Verifying k drafts may add k + 1 tokens; never past the request's last position.
+        room = request.max_total_len - request.num_tokens - 1
+        request.spec_token_ids = list(drafts[: max(0, room)])
+
+    # -- finish -----------------------------------------------------------------------------------
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Take the request out of the queues and return its blocks."""
+        if request.is_finished:
+            return
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.spec_token_ids = []
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.running:
+            self.running.remove(request)
+        self.kv.free(request.request_id)
+        self.requests.pop(request.request_id, None)
+        self._dropped.append(request.request_id)
+        for child in request.pending_forks:  # an unforked sibling runs on as an ordinary request
+            self.requests[child.request_id] = child
+            self.waiting.appendleft(child)
+        request.pending_forks = []
+

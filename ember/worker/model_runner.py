@@ -1,123 +1,188 @@
-"""ModelRunner: SchedulerOutput -> one forward over the flattened batch -> sampled tokens."""
+"""ModelRunner: SchedulerOutput -> one forward over the flattened batch -> sampled (and verified) tokens.
+
+The runner keeps its own state of every request in the batch (input_batch.py), updated from each
+SchedulerOutput: new requests once, then per step the computed count, block tables and drafts.
+
+A request whose chunk reaches its end samples: with k draft tokens appended, its last k + 1 rows are
+sampled at once, row j drawing the token at position N + j (N = the request's tokens) as a one-token
+step would, with the tokens before it (drafts included) as history. Drafts are accepted while they equal
+the row's sample; the first sample that differs (or the one after the last draft) is the next token.
+With the sampling noise a function of (seed, position), this is lossless for deterministic drafts:
+the tokens are exactly those of decoding without speculation.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ember.engine.request import Request
+from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.kernels.gemv import gemv_module
-from ember.engine.scheduler import SchedulerOutput
 from ember.models.base import CausalLM
 from ember.outputs import PositionLogprobs
+from ember.spec.proposer import Proposer
 from ember.worker.batch import ForwardBatch
+from ember.worker.input_batch import CachedRequestState, InputBatch
 from ember.worker.kv_cache import PagedKVCache
+from ember.worker.runner_output import ModelRunnerOutput
 from ember.worker.sampler import Sampler, SamplingRow, collect_logprobs
 
 
 @dataclass
-class ModelRunnerOutput:
-    """Per request id: the sampled token, its logprobs, and prompt logprobs of this step's chunk."""
+class _SampleGroup:
+    """The logits rows one request (or a forked sibling) samples this step."""
 
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, PositionLogprobs | None] = field(default_factory=dict)
-    logprob_deltas: dict[str, float | None] = field(default_factory=dict)
-    prompt_logprobs: dict[str, list[PositionLogprobs | None]] = field(default_factory=dict)
+    state: CachedRequestState
+    drafts: list[int]
+    first_row: int  # index of its first row in the sampled batch
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: PagedKVCache, device: torch.device | str) -> None:
+    def __init__(
+        self, model: CausalLM, kv_cache: PagedKVCache, device: torch.device | str, proposer: Proposer | None = None
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = torch.device(device)
         self.sampler = Sampler()
+        self.proposer = proposer
+        self.input_batch = InputBatch()
         if model.dtype == torch.bfloat16:
             gemv_module()  # build (or load) the decode kernel now, not during the first request
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduled)
         for group, source, destination in scheduled.block_copies:
             self.kv_cache.copy_block(group, source, destination)
-        batch, sampling, logits_rows = self._prepare(scheduled)
+        batch, hidden_rows, logits_rows, groups = self._prepare(scheduled)
         hidden = self.model(batch.input_ids, batch.positions, batch)
         output = ModelRunnerOutput()
         self._prompt_logprobs(scheduled, hidden, output)
-        if not sampling:
+        if not groups:
             return output
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
-        if len(logits_rows) > logits.shape[0]:  # n > 1 siblings share their parent's logits row
+        logits = self.model.compute_logits(hidden[torch.tensor(hidden_rows, device=hidden.device)])
+        if len(logits_rows) > logits.shape[0]:  # forked siblings share their parent's logits row
             logits = logits[torch.tensor(logits_rows, device=logits.device)]
-        rows = [_sampling_row(r) for r in sampling]
+        rows = [row for group in groups for row in _sampling_rows(group)]
         sampled = self.sampler(logits, rows)
-        for i, request in enumerate(sampling):
-            output.sampled_token_ids[request.request_id] = sampled.token_ids[i]
-            output.logprobs[request.request_id] = sampled.logprobs[i]
-            output.logprob_deltas[request.request_id] = sampled.cumulative_logprob_deltas[i]
+        for group in groups:
+            tokens, logprobs = _verify(group, sampled.token_ids, sampled.logprobs)
+            group.state.output_token_ids.extend(tokens)
+            output.add_row(group.state.request_id, tokens, logprobs, [])
+        self._propose(groups, output)
         return output
 
-    def _prepare(self, scheduled: SchedulerOutput) -> tuple[ForwardBatch, list[Request], list[int]]:
-        """Flatten the step's tokens; list the requests that sample and, for each, its logits row."""
+    def _update_states(self, scheduled: SchedulerOutput) -> None:
+        for request_id in scheduled.dropped_request_ids:
+            self.input_batch.remove(request_id)
+            for processor in self.sampler.processors:
+                processor.remove_request(request_id)
+        for new in scheduled.new_requests:
+            state = self.input_batch.add(new)
+            for processor in self.sampler.processors:
+                processor.add_request(state.request_id, state.params, state.output_token_ids)
+        for item in scheduled.scheduled:
+            self.input_batch.update(item)
+
+    def _prepare(
+        self, scheduled: SchedulerOutput
+    ) -> tuple[ForwardBatch, list[int], list[int], list[_SampleGroup]]:
+        """Flatten the step's tokens; list the hidden rows that need logits and who samples from them."""
         input_ids: list[int] = []
         positions: list[int] = []
         hidden_rows: list[int] = []
-        sampling: list[Request] = []
         logits_rows: list[int] = []
-        for item in scheduled.scheduled:
-            request, start = item.request, item.request.num_computed_tokens
-            input_ids.extend(request.all_token_ids[start : start + item.num_new_tokens])
-            positions.extend(range(start, start + item.num_new_tokens))
-            if item.samples:
-                hidden_rows.append(len(input_ids) - 1)
-                for sampler in [request, *item.fork_children]:
-                    sampling.append(sampler)
-                    logits_rows.append(len(hidden_rows) - 1)
+        groups: list[_SampleGroup] = []
+        states = [self.input_batch.states[item.request_id] for item in scheduled.scheduled]
+        for item, state in zip(scheduled.scheduled, states):
+            start, end = item.num_computed_tokens, item.num_computed_tokens + item.num_new_tokens
+            input_ids.extend(state.token_ids(start, end, item.spec_token_ids))
+            positions.extend(range(start, end))
+            if not item.samples:
+                continue
+            count = len(item.spec_token_ids) + 1
+            first_hidden = len(hidden_rows)
+            hidden_rows.extend(range(len(input_ids) - count, len(input_ids)))
+            groups.append(_SampleGroup(state, item.spec_token_ids, len(logits_rows)))
+            logits_rows.extend(range(first_hidden, first_hidden + count))
+            for fork in item.forks:
+                child = self.input_batch.fork(state, fork)
+                for processor in self.sampler.processors:
+                    processor.add_request(child.request_id, child.params, child.output_token_ids)
+                groups.append(_SampleGroup(child, [], len(logits_rows)))
+                logits_rows.append(first_hidden)
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
-            start_positions=[s.request.num_computed_tokens for s in scheduled.scheduled],
-            query_lens=[s.num_new_tokens for s in scheduled.scheduled],
-            block_tables=[[s.block_tables[g] for s in scheduled.scheduled] for g in range(len(self.kv_cache.groups))],
+            start_positions=[item.num_computed_tokens for item in scheduled.scheduled],
+            query_lens=[item.num_new_tokens for item in scheduled.scheduled],
+            block_tables=[[item.block_ids[g] for item in scheduled.scheduled] for g in range(len(self.kv_cache.groups))],
             logits_indices=torch.tensor(hidden_rows, dtype=torch.long, device=self.device),
             kv_cache=self.kv_cache,
         )
-        return batch, sampling, logits_rows
+        return batch, hidden_rows, logits_rows, groups
+
+    def _propose(self, groups: list[_SampleGroup], output: ModelRunnerOutput) -> None:
+        if self.proposer is None:
+            return
+        states = [group.state for group in groups]
+        for row, drafts in enumerate(self.proposer.propose(states)):
+            output.spec_token_ids[row] = drafts
 
     def _prompt_logprobs(self, scheduled: SchedulerOutput, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
         """Log-probabilities of each prompt token given the ones before it (the first has none)."""
         offset = 0
         for item in scheduled.scheduled:
-            request, start, count = item.request, item.request.num_computed_tokens, item.num_new_tokens
-            rows_offset, offset = offset, offset + count
-            k = request.params.prompt_logprobs
-            if k is None or start >= request.num_prompt_tokens:
-                continue
-            # Position p predicts prompt token p + 1; the chunk's last row may predict past the prompt.
-            last = min(start + count, request.num_prompt_tokens - 1)
-            entries: list[PositionLogprobs | None] = [None] if start == 0 else []
-            if last > start:
-                logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows_offset : rows_offset + last - start]), -1)
-                targets = torch.tensor(request.prompt_token_ids[start + 1 : last + 1], device=logprobs.device)
-                entries.extend(collect_logprobs(logprobs, targets, [k] * len(targets)))
-            output.prompt_logprobs[request.request_id] = entries
+            state = self.input_batch.states[item.request_id]
+            rows_offset, offset = offset, offset + item.num_new_tokens
+            entries = _chunk_prompt_logprobs(self.model, state, item, hidden[rows_offset:offset])
+            if entries is not None:
+                output.prompt_logprobs[item.request_id] = entries
 
 
-def _sampling_row(request: Request) -> SamplingRow:
-    params = request.params
-    suppressed: list[int] = []
-    if len(request.output_token_ids) < params.min_tokens:
-        suppressed = list(dict.fromkeys(params.stop_token_ids + ([] if params.ignore_eos else request.eos_token_ids)))
-    return SamplingRow(
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        min_p=params.min_p,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty,
-        generator=request.generator,
-        prompt_token_ids=request.prompt_token_ids,
-        output_token_ids=request.output_token_ids,
-        suppressed_token_ids=suppressed,
-        num_logprobs=params.logprobs,
-    )
+def _chunk_prompt_logprobs(
+    model: CausalLM, state: CachedRequestState, item: ScheduledRequest, hidden: torch.Tensor
+) -> list[PositionLogprobs | None] | None:
+    k = state.params.prompt_logprobs
+    start, prompt_len = item.num_computed_tokens, len(state.prompt_token_ids)
+    if k is None or start >= prompt_len:
+        return None
+    # Position p predicts prompt token p + 1; the chunk's last row may predict past the prompt.
+    last = min(start + item.num_new_tokens, prompt_len - 1)
+    entries: list[PositionLogprobs | None] = [None] if start == 0 else []
+    if last > start:
+        logprobs = torch.log_softmax(model.compute_logits(hidden[: last - start]), -1)
+        targets = torch.tensor(state.prompt_token_ids[start + 1 : last + 1], device=logprobs.device)
+        entries.extend(collect_logprobs(logprobs, targets, [k] * len(targets)))
+    return entries
+
+
+def _sampling_rows(group: _SampleGroup) -> list[SamplingRow]:
+    state = group.state
+    return [
+        SamplingRow(
+            request_id=state.request_id,
+            params=state.params,
+            eos_token_ids=state.eos_token_ids,
+            output_token_ids=state.output_token_ids + group.drafts[:j],
+            seed=state.seed,
+            position=state.num_tokens + j,
+            prompt_token_ids=state.prompt_token_ids,
+        )
+        for j in range(len(group.drafts) + 1)
+    ]
+
+
+def _verify(
+    group: _SampleGroup, sampled: list[int], logprobs: list[PositionLogprobs | None]
+) -> tuple[list[int], list[PositionLogprobs] | None]:
+    """Accept drafts while each equals the target's own sample at its position; then one sampled token."""
+    first, drafts = group.first_row, group.drafts
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == sampled[first + accepted]:
+        accepted += 1
+    tokens = sampled[first : first + accepted + 1]
+    entries = logprobs[first : first + accepted + 1]
+    return tokens, (None if entries[0] is None else entries)  # type: ignore[return-value]

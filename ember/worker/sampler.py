@@ -1,7 +1,8 @@
 """Batched sampling: every request's parameters applied as tensor ops over the [N, vocab] logits.
 
-Randomness comes from each request's own generator (one uniform number per row, inverse-CDF
-sampling), so a seeded request draws the same tokens whatever else shares its batch.
+Randomness is one uniform number per (request seed, position) (worker/sampling_noise.py), used for
+inverse-CDF sampling, so a seeded request draws the same tokens whatever else shares its batch and
+whether or not a draft proposed them. Logits processors (min_tokens, logit_bias, ...) run first.
 """
 
 from __future__ import annotations
@@ -12,24 +13,25 @@ import torch
 
 from ember.kernels.fused_ops import argmax
 from ember.outputs import Logprob, PositionLogprobs
+from ember.worker.logits_processors import LogitsProcessor, LogitsRow, default_processors
+from ember.worker.sampling_noise import position_uniform
 
 
 @dataclass
-class SamplingRow:
-    """What the sampler needs of one request that samples this step."""
+class SamplingRow(LogitsRow):
+    """One row of logits to sample: a request at one position."""
 
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    presence_penalty: float
-    frequency_penalty: float
-    repetition_penalty: float
-    generator: torch.Generator
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    suppressed_token_ids: list[int]  # eos/stop tokens while min_tokens is not reached
-    num_logprobs: int | None
+    seed: int = 0
+    position: int = 0  # index in prompt + output of the token this row draws
+    prompt_token_ids: list[int] | None = None
+
+    @property
+    def temperature(self) -> float:
+        return self.params.temperature
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.params.logprobs
 
 
 @dataclass
@@ -40,11 +42,15 @@ class SamplerOutput:
 
 
 class Sampler:
+    def __init__(self, processors: list[LogitsProcessor] | None = None) -> None:
+        self.processors = default_processors() if processors is None else processors
+
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """logits: float32 [N, vocab], one row per entry of `rows`."""
+        """logits: float32 [N, vocab], one row per entry of `rows` (changed in place)."""
         wants_logprobs = [r.num_logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(wants_logprobs) else None
-        logits = _suppress(logits, rows)
+        for processor in self.processors:
+            logits = processor.apply(logits, rows)
         logits = _apply_penalties(logits, rows)
         tokens = self._choose(logits, rows)
         token_list = tokens.tolist()
@@ -60,21 +66,11 @@ class Sampler:
         if bool(greedy.all()):
             return greedy_tokens
         probs = _filtered_probs(logits, rows)
-        uniforms = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(logits.device)
+        uniforms = torch.tensor([position_uniform(r.seed, r.position) for r in rows], device=logits.device)
         cdf = probs.cumsum(dim=-1)
         sampled = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
         sampled = sampled.clamp_(max=logits.shape[-1] - 1)
         return torch.where(greedy, greedy_tokens, sampled)
-
-
-def _suppress(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    pairs = [(i, t) for i, r in enumerate(rows) for t in r.suppressed_token_ids]
-    if not pairs:
-        return logits
-    logits = logits.clone()
-    index = torch.tensor(pairs, device=logits.device).T
-    logits[index[0], index[1]] = float("-inf")
-    return logits
 
 
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -92,20 +88,21 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """vLLM semantics: repetition over prompt + output tokens; presence/frequency over output only."""
-    use_rep = any(r.repetition_penalty != 1.0 for r in rows)
-    use_additive = any(r.presence_penalty != 0.0 or r.frequency_penalty != 0.0 for r in rows)
+    params = [r.params for r in rows]
+    use_rep = any(p.repetition_penalty != 1.0 for p in params)
+    use_additive = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
     if not (use_rep or use_additive):
         return logits
     vocab, device = logits.shape[-1], logits.device
     output_counts = _token_counts([r.output_token_ids for r in rows], vocab, device)
     if use_rep:
-        seen = (_token_counts([r.prompt_token_ids for r in rows], vocab, device) + output_counts) > 0
-        penalty = torch.tensor([r.repetition_penalty for r in rows], device=device).unsqueeze(-1)
+        seen = (_token_counts([r.prompt_token_ids or [] for r in rows], vocab, device) + output_counts) > 0
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(-1)
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalized, logits)
     if use_additive:
-        freq = torch.tensor([r.frequency_penalty for r in rows], device=device).unsqueeze(-1)
-        presence = torch.tensor([r.presence_penalty for r in rows], device=device).unsqueeze(-1)
+        freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(-1)
+        presence = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(-1)
         logits = logits - freq * output_counts - presence * (output_counts > 0).float()
     return logits
 
@@ -113,9 +110,10 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
 def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p, as probabilities (unnormalized is fine for the CDF)."""
     device = logits.device
-    temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows], device=device)
+    params = [r.params for r in rows]
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
     logits = logits / temps.unsqueeze(-1)
-    top_ks = [r.top_k for r in rows]
+    top_ks = [p.top_k for p in params]
     if any(k > 0 for k in top_ks):
         max_k = min(max(top_ks), logits.shape[-1])
         top_values = logits.topk(max_k, dim=-1).values
@@ -124,10 +122,10 @@ def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         no_limit = torch.tensor([k <= 0 for k in top_ks], device=device).unsqueeze(-1)
         logits = logits.masked_fill(~no_limit & (logits < threshold), float("-inf"))
     probs = logits.softmax(dim=-1)
-    min_ps = torch.tensor([r.min_p for r in rows], device=device).unsqueeze(-1)
+    min_ps = torch.tensor([p.min_p for p in params], device=device).unsqueeze(-1)
     if bool((min_ps > 0).any()):
         probs = probs.masked_fill(probs < min_ps * probs.max(dim=-1, keepdim=True).values, 0.0)
-    top_ps = torch.tensor([r.top_p for r in rows], device=device).unsqueeze(-1)
+    top_ps = torch.tensor([p.top_p for p in params], device=device).unsqueeze(-1)
     if bool((top_ps < 1).any()):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs

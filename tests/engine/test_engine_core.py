@@ -111,7 +111,7 @@ def test_parallel_sampling_forks_and_matches_separate_seeds(llama):
     engine = llm.engine
     engine.add_request("p", prompt, params)
     engine.step()  # prefill, then the siblings fork off
-    parent, *children = engine._requests["p"]  # noqa: SLF001
+    parent, *children = engine.output_processor.requests["p"]  # noqa: SLF001
     shared = engine.kv_manager.managers[0].block_ids(children[0].request_id)[0]
     assert shared == engine.kv_manager.managers[0].block_ids(parent.request_id)[0]
     assert engine.kv_manager.managers[0].blocks[shared].ref_count == 3

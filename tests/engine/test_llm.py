@@ -135,7 +135,7 @@ def test_chat(llm):
 
 def test_abort_frees_blocks(llm):
     engine = llm.engine
-    engine.add_request("a", "Hello", SamplingParams(max_tokens=50))
+    engine.add_request("a", "Hello", SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
     assert engine.kv_manager.num_free_blocks < engine.kv_manager.num_total_blocks
     engine.abort_request("a")

@@ -1,39 +1,52 @@
-"""Scheduler policy without a model: fake requests, fake runner results."""
+"""Scheduler policy without a model: fake requests, fake runner results through update_from_output."""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
 from ember.engine.block_manager import KVCacheManager
 from ember.engine.request import FinishReason, Request, RequestStatus
-from ember.engine.scheduler import Scheduler
+from ember.engine.scheduler import ScheduledRequest, Scheduler
 from ember.sampling_params import SamplingParams
+from ember.worker.runner_output import ModelRunnerOutput
 
 BS = 4
 
 
-def _request(request_id: str, prompt_len: int, max_tokens: int = 8) -> Request:
+def _request(request_id: str, prompt_len: int, max_tokens: int = 8, eos: int | None = None) -> Request:
     return Request(
         request_id=request_id, prompt=None, prompt_token_ids=[1000 * ord(request_id[0]) + i for i in range(prompt_len)],
         params=SamplingParams(max_tokens=max_tokens), max_total_len=prompt_len + max_tokens,
-        generator=torch.Generator(), eos_token_ids=[], parent_id=request_id,
+        seed=0, eos_token_ids=[] if eos is None else [eos], parent_id=request_id,
     )
+
+
+# A fake runner: given a scheduled request, the tokens it "sampled" (accepted drafts + one) and new drafts.
+FakeRunner = Callable[[ScheduledRequest], tuple[list[int], list[int]]]
+
+
+def _one_token(item: ScheduledRequest) -> tuple[list[int], list[int]]:
+    return [1], []
 
 
 def _scheduler(num_blocks: int = 64, budget: int = 16, max_seqs: int = 8, prefix_caching: bool = True) -> Scheduler:
     return Scheduler(KVCacheManager([(num_blocks + 1, None)], BS, prefix_caching), max_seqs, budget)
 
 
-def _run_step(scheduler: Scheduler) -> dict[str, int]:
-    """Schedule, then play the runner: computed tokens advance, sampling rows get token 1."""
+def _run_step(scheduler: Scheduler, runner: FakeRunner = _one_token) -> dict[str, int]:
+    """Schedule, play the runner, apply its output the way the engine does."""
     out = scheduler.schedule()
+    result = ModelRunnerOutput()
     for item in out.scheduled:
-        samples = item.samples
-        item.request.num_computed_tokens += item.num_new_tokens
-        if samples:
-            item.request.output_token_ids.append(1)
-    scheduler.after_step(out)
-    return {item.request.request_id: item.num_new_tokens for item in out.scheduled}
+        if item.samples:
+            result.add_row(item.request_id, *_with_logprobs(runner(item)))
+    scheduler.update_from_output(out, result)
+    return {item.request_id: item.num_new_tokens for item in out.scheduled}
+
+
+def _with_logprobs(sampled: tuple[list[int], list[int]]) -> tuple[list[int], None, list[int]]:
+    tokens, drafts = sampled
+    return tokens, None, drafts
 
 
 def test_token_budget_and_chunk_boundaries():
@@ -107,3 +120,70 @@ def test_finish_returns_blocks():
     scheduler.finish(request, FinishReason.ABORT)
     manager = scheduler.kv.managers[0]
     assert manager.num_free_blocks == manager.num_blocks and not scheduler.has_unfinished()
+
+
+def _drafting_runner(accept: int, k: int = 3) -> FakeRunner:
+    """Proposes k drafts (tokens 7, 8, 9...); at verification accepts the first `accept` of them."""
+
+    def run(item: ScheduledRequest) -> tuple[list[int], list[int]]:
+        drafts = item.spec_token_ids
+        return drafts[:accept] + [5], [7 + i for i in range(k)]
+
+    return run
+
+
+def test_drafts_are_scheduled_counted_and_rolled_back():
+    scheduler = _scheduler(budget=64)
+    request = _request("a", 6, max_tokens=20)
+    scheduler.add(request)
+    assert _run_step(scheduler, _drafting_runner(accept=1)) == {"a": 6}  # prefill; 3 drafts proposed
+    assert request.spec_token_ids == [7, 8, 9]
+    assert _run_step(scheduler, _drafting_runner(accept=1)) == {"a": 4}  # the new token + 3 drafts
+    # Accepted: draft 7, then the sampled 5. The 2 rejected positions are not computed.
+    assert request.output_token_ids == [5, 7, 5]
+    assert request.num_computed_tokens == request.num_tokens - 1 == 8
+    assert scheduler.spec_stats.num_drafts == 1 and scheduler.spec_stats.num_accepted_tokens == 1
+    assert scheduler.spec_stats.accepted_per_position == [1, 0, 0]
+
+
+def test_only_verified_blocks_enter_the_prefix_cache():
+    scheduler = _scheduler(budget=64)
+    request = _request("a", 3, max_tokens=20)  # prefill 3, then token at position 3 ends block 0
+    scheduler.add(request)
+    _run_step(scheduler, _drafting_runner(accept=0, k=3))
+    _run_step(scheduler, _drafting_runner(accept=0, k=3))  # computes positions 3..6; only position 3 is kept
+    manager = scheduler.kv.managers[0]
+    assert request.num_computed_tokens == 4 and request.num_tokens == 5
+    table = manager.tables["a"]
+    assert manager.blocks[table.block_ids[0]].block_hash is not None  # positions 0..3: all verified
+    assert all(manager.blocks[b].block_hash is None for b in table.block_ids[1:])  # holds draft positions
+
+
+def test_stop_token_inside_accepted_drafts_ends_there():
+    scheduler = _scheduler(budget=64)
+    request = _request("a", 4, max_tokens=20, eos=8)
+    scheduler.add(request)
+    _run_step(scheduler, _drafting_runner(accept=3))
+    _run_step(scheduler, _drafting_runner(accept=3))  # accepts 7, 8 (eos), 9: stops at 8
+    assert request.output_token_ids == [5, 7, 8] and request.finish_reason == FinishReason.STOP
+    assert not scheduler.has_unfinished() and scheduler.kv.managers[0].num_free_blocks == scheduler.kv.managers[0].num_blocks
+
+
+def test_drafts_never_pass_max_tokens():
+    scheduler = _scheduler(budget=64)
+    request = _request("a", 4, max_tokens=3)
+    scheduler.add(request)
+    _run_step(scheduler, _drafting_runner(accept=3))
+    assert request.spec_token_ids == [7]  # 1 token so far: verifying 1 draft may add 2 = max_tokens
+    _run_step(scheduler, _drafting_runner(accept=3))
+    assert request.output_token_ids == [5, 7, 5] and request.finish_reason == FinishReason.LENGTH
+
+
+def test_budget_cuts_drafts_first():
+    scheduler = _scheduler(budget=3)
+    request = _request("a", 3, max_tokens=20)
+    scheduler.add(request)
+    _run_step(scheduler, _drafting_runner(accept=3))
+    out = scheduler.schedule()
+    [item] = out.scheduled
+    assert item.num_new_tokens == 3 and item.spec_token_ids == [7, 8] and item.samples

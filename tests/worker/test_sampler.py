@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from ember.sampling_params import SamplingParams
 from ember.worker.sampler import Sampler, SamplingRow, _apply_penalties, _filtered_probs
+from ember.worker.sampling_noise import position_uniform
 
 VOCAB = 50
 
 
-def _row(seed: int = 0, **kwargs) -> SamplingRow:
-    values = dict(
-        temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
-        repetition_penalty=1.0, generator=torch.Generator().manual_seed(seed), prompt_token_ids=[1, 2],
-        output_token_ids=[3, 3, 4], suppressed_token_ids=[], num_logprobs=None,
+def _row(seed: int = 0, position: int = 5, eos: list[int] | None = None, **params) -> SamplingRow:
+    return SamplingRow(
+        request_id="r", params=SamplingParams(**params), eos_token_ids=eos or [], output_token_ids=[3, 3, 4],
+        seed=seed, position=position, prompt_token_ids=[1, 2],
     )
-    values.update(kwargs)
-    return SamplingRow(**values)
 
 
 def test_greedy_is_argmax():
@@ -49,11 +48,31 @@ def test_penalties_follow_vllm_semantics():
     assert out[0, 10] == 2.0  # unseen: untouched
 
 
-def test_suppressed_tokens_never_sampled():
-    logits = torch.zeros(1, VOCAB)
-    logits[0, 7] = 100.0
-    out = Sampler()(logits, [_row(temperature=0.0, suppressed_token_ids=[7])])
-    assert out.token_ids[0] != 7
+def test_min_tokens_suppresses_eos_and_stop_ids():
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 7] = 100.0
+    logits[:, 9] = 90.0
+    rows = [
+        _row(temperature=0.0, eos=[7], min_tokens=4, stop_token_ids=[9]),  # 3 generated < 4: both suppressed
+        _row(temperature=0.0, eos=[7], min_tokens=3),  # reached: eos allowed
+        _row(temperature=0.0, eos=[7], min_tokens=4, ignore_eos=True),  # eos is no stop token here
+    ]
+    tokens = Sampler()(logits.clone(), rows).token_ids
+    assert tokens[0] not in (7, 9) and tokens[1] == 7 and tokens[2] == 7
+
+
+def test_logit_bias_is_added():
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 3] = 5.0
+    rows = [_row(temperature=0.0, logit_bias={11: 6.0}), _row(temperature=0.0, logit_bias={3: -100.0, 12: 1.0})]
+    assert Sampler()(logits, rows).token_ids == [11, 12]
+
+
+def test_noise_depends_only_on_seed_and_position():
+    assert position_uniform(7, 3) == position_uniform(7, 3)
+    values = [position_uniform(seed, position) for seed in range(50) for position in range(50)]
+    assert len(set(values)) == len(values) and all(0.0 <= u < 1.0 for u in values)
+    assert abs(sum(values) / len(values) - 0.5) < 0.02
 
 
 def test_seeded_rows_do_not_depend_on_batch():
@@ -65,9 +84,8 @@ def test_seeded_rows_do_not_depend_on_batch():
 
 def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
-    generator = torch.Generator().manual_seed(0)
     counts = torch.zeros(3)
     sampler = Sampler()
-    for _ in range(2000):
-        counts[sampler(logits, [_row(generator=generator)]).token_ids[0]] += 1
+    for seed in range(2000):
+        counts[sampler(logits.clone(), [_row(seed=seed)]).token_ids[0]] += 1
     assert torch.allclose(counts / 2000, torch.tensor([0.7, 0.2, 0.1]), atol=0.04)
