@@ -163,6 +163,16 @@ class BlockManager:
         for block_id in reversed(table.block_ids):
             self._release(block_id)
 
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        """Release the trailing blocks that hold no position below `num_tokens` (rejected drafts' slots)."""
+        table = self.tables.get(request_id)
+        if table is None:
+            return
+        keep = -(-num_tokens // self.block_size)
+        while len(table.block_ids) > keep:
+            self._release(table.block_ids.pop())
+        table.num_cached_blocks = min(table.num_cached_blocks, keep)
+
     def fork(self, parent_id: str, child_id: str, num_tokens: int) -> tuple[int, int] | None:
         """Share the parent's blocks with a child. A partly filled last block is copied (copy-on-write):
         returns (source, destination) for the runner to copy, or None. Raises if no block is free."""
@@ -314,6 +324,10 @@ class KVCacheManager:
     def free(self, request_id: str) -> None:
         for m in self.managers:
             m.free(request_id)
+
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        for m in self.managers:
+            m.truncate(request_id, num_tokens)
 
     def fork(self, parent_id: str, child_id: str, num_tokens: int) -> list[tuple[int, int, int]] | None:
         """Share the parent's blocks with the child; returns the (group, source, destination) copies to

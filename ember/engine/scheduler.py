@@ -226,6 +226,8 @@ class Scheduler:
                 updates.extend(self._fork(request, child, result))
             new = self._append_tokens(request, tokens, result.logprobs[row] if row is not None else None)
             if not request.is_finished:
+                if rejected:  # the table then covers exactly what a step without drafts would hold
+                    self.kv.truncate(request.request_id, request.num_tokens)
                 self._register_blocks(request)
                 if row is not None:
                     self._set_drafts(request, result.spec_token_ids[row])
@@ -278,8 +280,9 @@ class Scheduler:
         self.kv.cache_full_blocks(request.request_id, hashes[:full], request.all_token_ids)
 
     def _set_drafts(self, request: Request, drafts: list[int]) -> None:
-        # Verifying k drafts may add k + 1 tokens; never past the request's last position.
-        room = request.max_total_len - request.num_tokens - 1
+        # Verifying k drafts computes positions up to num_tokens + k - 1: never past the request's last
+        # position (a bonus token beyond max_tokens is cut by the length check).
+        room = request.max_total_len - request.num_tokens
         request.spec_token_ids = list(drafts[: max(0, room)])
 
     # -- finish -----------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ class NgramProposer:
         return [self.propose_one(state.prompt_token_ids + state.output_token_ids) for state in states]
 
     def propose_one(self, tokens: list[int]) -> list[int]:
-        """Longest suffix match first (n from max down to min); the latest earlier match wins."""
+        """Longest suffix match first (n from max down to min); of its matches, the latest one followed
+        by k tokens (in a run of one repeated token the latest match has a single follower)."""
         length = len(tokens)
         if length < self.min_n + 1:
             return []
@@ -30,6 +31,7 @@ class NgramProposer:
             windows = sliding_window_view(array[: length - 1], n)
             matches = np.flatnonzero((windows == array[length - n :]).all(axis=1))
             if matches.size:
-                start = int(matches[-1]) + n
+                full = matches[matches + n + self.k <= length]
+                start = int(full[-1] if full.size else matches[0]) + n
                 return array[start : start + self.k].tolist()
         return []

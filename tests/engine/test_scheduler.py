@@ -142,6 +142,7 @@ def test_drafts_are_scheduled_counted_and_rolled_back():
     # Accepted: draft 7, then the sampled 5. The 2 rejected positions are not computed.
     assert request.output_token_ids == [5, 7, 5]
     assert request.num_computed_tokens == request.num_tokens - 1 == 8
+    assert len(scheduler.kv.managers[0].tables["a"].block_ids) == 3  # as without drafts: positions 0..8
     assert scheduler.spec_stats.num_drafts == 1 and scheduler.spec_stats.num_accepted_tokens == 1
     assert scheduler.spec_stats.accepted_per_position == [1, 0, 0]
 
@@ -174,9 +175,9 @@ def test_drafts_never_pass_max_tokens():
     request = _request("a", 4, max_tokens=3)
     scheduler.add(request)
     _run_step(scheduler, _drafting_runner(accept=3))
-    assert request.spec_token_ids == [7]  # 1 token so far: verifying 1 draft may add 2 = max_tokens
+    assert request.spec_token_ids == [7, 8]  # 1 token so far: 2 drafts reach the last position
     _run_step(scheduler, _drafting_runner(accept=3))
-    assert request.output_token_ids == [5, 7, 5] and request.finish_reason == FinishReason.LENGTH
+    assert request.output_token_ids == [5, 7, 8] and request.finish_reason == FinishReason.LENGTH
 
 
 def test_budget_cuts_drafts_first():
