@@ -45,6 +45,26 @@ class _EngineStatsCollector(Collector):
             counter = CounterMetricFamily(f"ember:{name}", doc, labels=["model_name"])
             counter.add_metric([self._model], value)
             yield counter
+        yield from self._spec_decode(s)
+
+    def _spec_decode(self, s: EngineStats) -> Iterator[Metric]:
+        """vLLM's speculative-decoding counters (zero when speculation is off)."""
+        spec = s.spec_decode
+        for name, doc, value in (
+            ("spec_decode_num_drafts", "Verification steps of requests with draft tokens.", spec.num_drafts),
+            ("spec_decode_num_draft_tokens", "Draft tokens verified.", spec.num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens),
+        ):
+            counter = CounterMetricFamily(f"ember:{name}", doc, labels=["model_name"])
+            counter.add_metric([self._model], value)
+            yield counter
+        per_position = CounterMetricFamily(
+            "ember:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by draft position.",
+            labels=["model_name", "position"],
+        )
+        for position, value in enumerate(spec.accepted_per_position):
+            per_position.add_metric([self._model, str(position)], value)
+        yield per_position
 
 
 class ServingMetrics:

@@ -16,11 +16,13 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine, TokenizedPrompt
+from ember.engine.scheduler import SpecDecodeStats
 from ember.errors import EmberError
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
@@ -48,6 +50,7 @@ class EngineStats:
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    spec_decode: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
 
 class RequestStream:
@@ -240,4 +243,6 @@ class AsyncLLM:
             prefix_cache_hits=kv.stats.hits,
             num_preemptions=engine.scheduler.num_preemptions,
             num_steps=self.stats.num_steps + 1,
+            spec_decode=dataclasses.replace(engine.scheduler.spec_stats, accepted_per_position=list(
+                engine.scheduler.spec_stats.accepted_per_position)),
         )

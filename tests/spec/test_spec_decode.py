@@ -150,3 +150,22 @@ def test_ngram_proposer_prefers_the_longest_match():
 def test_bad_settings_are_one_clear_error(config, message):
     with pytest.raises(InvalidRequestError, match=message):
         SpeculativeConfig.parse(config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gemma", "qwen"])
+def test_real_gguf_greedy_is_unchanged(model):
+    """The default model and Qwen2.5-Coder 0.5B (GGUF weights kept quantized), float32 compute."""
+    from ember.model_zoo import default_model_path, qwen25_coder_05b_path
+
+    path = {"gemma": default_model_path, "qwen": qwen25_coder_05b_path}[model]()
+    code = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
+    prompts = [f"Rewrite this code with type hints.\n\n{code}\nRewritten:\n", "The capital of France is"]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    plain = LLM(path, dtype="float32", max_model_len=512, max_num_seqs=4, kv_cache_memory=0.5)
+    expected = _tokens(plain, prompts, params)
+    del plain
+    spec = LLM(path, dtype="float32", max_model_len=512, max_num_seqs=4, kv_cache_memory=0.5, speculative_config=NGRAM)
+    assert _tokens(spec, prompts, params) == expected
+    assert spec.engine.scheduler.spec_stats.num_accepted_tokens > 0
+    assert_no_leak(spec.engine)
