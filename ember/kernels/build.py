@@ -1,21 +1,44 @@
 """Just-in-time build of ember's C++ kernels (torch.utils.cpp_extension), cached per machine in
-~/.cache/torch_extensions. A kernel that cannot be built (no compiler, a CPU without the instructions,
-EMBER_DISABLE_KERNELS=1) is None, and callers use their PyTorch fallback."""
+~/.cache/ember/kernels (EMBER_CACHE moves it). A kernel that cannot be built (no compiler, a CPU without the
+instructions, EMBER_DISABLE_KERNELS=1) is None, and callers use their PyTorch fallback.
+
+A build must survive being killed, and other processes starting meanwhile:
+- one process builds a kernel version at a time, under an OS file lock (flock) that the kernel releases when
+  its holder dies, so a killed build leaves no lock behind; a process that waits says so, with the holder's pid;
+- the compiler runs in a child process in a session of its own, which stops its ninja (and ninja its compilers)
+  when the building process dies;
+- each build has a private directory, and the finished module is moved into place by one rename: a half-built
+  module is never loaded, and a compiler that outlives its builder writes only where nobody looks.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import glob
 import hashlib
+import importlib.util
 import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from types import ModuleType
 
+from ember.model_zoo import cache_dir
+
 logger = logging.getLogger("ember")
 
-# A build that was killed (Ctrl-C, a timeout) leaves torch's lock file behind, and every later process would
-# wait on it forever. A real build takes well under this; an older lock is stale.
-_STALE_LOCK_S = 300.0
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+_WAIT_LOG_EVERY_S = 30.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _cpu_flags() -> set[str]:
@@ -35,42 +58,117 @@ def load_kernel(name: str, required_cpu_flag: str) -> ModuleType | None:
     if os.environ.get("EMBER_DISABLE_KERNELS") == "1" or required_cpu_flag not in _cpu_flags():
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        source = os.path.join(os.path.dirname(__file__), f"{name}.cpp")
-        with open(source, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:12]
-        # One directory per source version: two checkouts (or versions) of ember never rebuild each other's.
-        build_dir = os.path.join(os.path.expanduser("~/.cache/ember/kernels"), f"{name}-{digest}")
-        os.makedirs(build_dir, exist_ok=True)
-        _clear_stale_lock(os.path.join(build_dir, "lock"))
-        if not os.path.exists(os.path.join(build_dir, f"ember_{name}.so")):
-            logger.info("ember: building the %s kernel (first use on this machine only)", name)
-        return load(
-            name=f"ember_{name}",
-            sources=[source],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=build_dir,
-            verbose=False,
-        )
+        return _build_or_load(name)
     except Exception as e:  # the fallback is always correct, only slower
         logger.warning("ember: %s kernel unavailable (%s); using the PyTorch fallback", name, e)
         return None
 
 
-def _clear_stale_lock(lock: str) -> None:
-    """Wait for another process's build, but remove a lock no build has touched for _STALE_LOCK_S."""
-    while True:
-        try:
-            age = time.time() - os.path.getmtime(lock)
-        except OSError:
-            return  # no lock
-        if age > _STALE_LOCK_S:
-            logger.warning("ember: removing a stale kernel build lock %s (%.0f s old)", lock, age)
+def _build_or_load(name: str) -> ModuleType:
+    import torch  # noqa: F401  (the module links against the libtorch that torch loads)
+
+    source = os.path.join(os.path.dirname(__file__), f"{name}.cpp")
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    # One directory per source version: two checkouts (or versions) of ember never rebuild each other's.
+    build_dir = os.path.join(cache_dir(), "kernels", f"{name}-{digest}")
+    module_path = os.path.join(build_dir, f"ember_{name}.so")
+    if not os.path.exists(module_path):
+        os.makedirs(build_dir, exist_ok=True)
+        with _build_lock(os.path.join(build_dir, "build.lock"), name):
+            if not os.path.exists(module_path):  # else built while we waited
+                _build(name, source, build_dir)
+    return _import(f"ember_{name}", module_path)
+
+
+@contextmanager
+def _build_lock(path: str, name: str) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (which names the holder's pid), logging while another process holds it."""
+    with open(path, "a+") as f:
+        waited_since = time.monotonic()
+        next_log = waited_since
+        while True:
             try:
-                os.remove(lock)
-            except OSError:
-                pass
-            return
-        time.sleep(0.5)
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= next_log:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown"
+                    logger.warning(
+                        "ember: waiting for another process's kernel build of %s (pid %s, %.0f s so far); "
+                        "lock %s", name, holder, time.monotonic() - waited_since, path,
+                    )
+                    next_log += _WAIT_LOG_EVERY_S
+                time.sleep(0.1)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(name: str, source: str, build_dir: str) -> None:
+    """Compile in a fresh private directory (in a child process), then move the module into place."""
+    for leftover in glob.glob(os.path.join(build_dir, "build-*")):  # from builders that were killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    private = tempfile.mkdtemp(prefix="build-", dir=build_dir)
+    logger.warning("ember: building the %s kernel (first use on this machine only; about a minute)", name)
+    try:
+        _run_builder(name, source, private)
+        os.replace(os.path.join(private, f"ember_{name}.so"), os.path.join(build_dir, f"ember_{name}.so"))
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _run_builder(name: str, source: str, directory: str) -> None:
+    command = [
+        sys.executable, "-c", "import sys; from ember.kernels.build import build_in_child; build_in_child(sys.argv[1:])",
+        name, source, directory, str(os.getpid()),
+    ]
+    # Its own session: a Ctrl-C to our terminal reaches us, and we stop the child, rather than both at once.
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = child.communicate()
+    except BaseException:
+        child.terminate()  # its handler stops ninja and the compilers too
+        child.wait()
+        raise
+    if child.returncode != 0:
+        lines = output.decode(errors="replace").strip().splitlines()
+        raise RuntimeError("build failed: " + " | ".join(lines[-20:]))
+
+
+def build_in_child(argv: list[str]) -> None:
+    """The builder process: torch's JIT build into `directory`. Its lock file there is ours alone."""
+    name, source, directory, parent_pid = argv
+    _die_with_parent(int(parent_pid))
+    from torch.utils.cpp_extension import load
+
+    load(name=f"ember_{name}", sources=[source], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+         build_directory=directory, verbose=False)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """On SIGTERM, or when the parent dies (even by SIGKILL), stop this process group: ninja, which is in it, then
+    stops the compilers it started in groups of their own."""
+
+    def stop_group(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.killpg(0, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_group)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        stop_group(signal.SIGTERM, None)
+
+
+def _import(module_name: str, path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
