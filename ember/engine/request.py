@@ -47,6 +47,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # hash chain of the full blocks of all_token_ids
     pending_forks: list[Request] = field(default_factory=list)  # n > 1: siblings that fork off after the prompt
     spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify in the next step
+    spec_backoff: int = 0  # steps without drafts after the last wholly rejected draft (doubles each time)
+    spec_skip: int = 0  # of those, steps still to go
     detokenizer: IncrementalDetokenizer | None = None  # None: no text is kept (model-free scheduler tests)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None

@@ -222,6 +222,7 @@ class Scheduler:
             request.spec_token_ids = []
             if item.spec_token_ids:
                 self.spec_stats.record(len(item.spec_token_ids), len(item.spec_token_ids) - rejected)
+                _back_off(request, accepted=len(item.spec_token_ids) - rejected)
             for child in self._forking.pop(item.request_id, []):  # before the parent may finish and free blocks
                 updates.extend(self._fork(request, child, result))
             new = self._append_tokens(request, tokens, result.logprobs[row] if row is not None else None)
@@ -280,6 +281,9 @@ class Scheduler:
         self.kv.cache_full_blocks(request.request_id, hashes[:full], request.all_token_ids)
 
     def _set_drafts(self, request: Request, drafts: list[int]) -> None:
+        if request.spec_skip > 0:
+            request.spec_skip -= 1
+            return
         # Verifying k drafts computes positions up to num_tokens + k - 1: never past the request's last
         # position (a bonus token beyond max_tokens is cut by the length check).
         room = request.max_total_len - request.num_tokens
@@ -306,3 +310,15 @@ class Scheduler:
             self.waiting.appendleft(child)
         request.pending_forks = []
 
+
+_MAX_SPEC_BACKOFF = 16
+
+
+def _back_off(request: Request, accepted: int) -> None:
+    """Drafts that all fail cost a wider step for nothing: after each wholly rejected draft, skip
+    drafting for twice as many steps as the last time (up to 16); any accepted token resets it."""
+    if accepted:
+        request.spec_backoff = 0
+        return
+    request.spec_backoff = min(max(1, 2 * request.spec_backoff), _MAX_SPEC_BACKOFF)
+    request.spec_skip = request.spec_backoff

@@ -166,7 +166,7 @@ def _sampling_rows(group: _SampleGroup) -> list[SamplingRow]:
             request_id=state.request_id,
             params=state.params,
             eos_token_ids=state.eos_token_ids,
-            output_token_ids=state.output_token_ids + group.drafts[:j],
+            output_token_ids=state.output_token_ids + group.drafts[:j] if j else state.output_token_ids,
             seed=state.seed,
             position=state.num_tokens + j,
             prompt_token_ids=state.prompt_token_ids,

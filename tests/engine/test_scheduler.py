@@ -188,3 +188,15 @@ def test_budget_cuts_drafts_first():
     out = scheduler.schedule()
     [item] = out.scheduled
     assert item.num_new_tokens == 3 and item.spec_token_ids == [7, 8] and item.samples
+
+
+def test_speculation_backs_off_after_rejections():
+    scheduler = _scheduler(budget=64)
+    request = _request("a", 4, max_tokens=40)
+    scheduler.add(request)
+    widths = [_run_step(scheduler, _drafting_runner(accept=0, k=2))["a"] for _ in range(10)]
+    # prefill, then: drafts (3 wide) rejected, skip 1 step, drafts rejected, skip 2, drafts rejected, skip 4
+    assert widths == [4, 3, 1, 3, 1, 1, 3, 1, 1, 1]
+    _run_step(scheduler, _drafting_runner(accept=0, k=2))
+    assert _run_step(scheduler, _drafting_runner(accept=1, k=2))["a"] == 3
+    assert request.spec_backoff == 0  # an accepted token resets the back-off
