@@ -28,36 +28,22 @@ class _EngineStatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
-        for name, doc, value in (
+        spec = s.spec_decode
+        yield from self._families(GaugeMetricFamily, (
             ("num_requests_running", "Requests in the running batch.", s.num_running),
             ("num_requests_waiting", "Requests waiting to be admitted (incl. preempted ones).", s.num_waiting),
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", s.kv_cache_usage),
             ("kv_cache_blocks_used", "KV-cache blocks held by requests.", s.kv_blocks_used),
-        ):
-            gauge = GaugeMetricFamily(f"ember:{name}", doc, labels=["model_name"])
-            gauge.add_metric([self._model], value)
-            yield gauge
-        for name, doc, value in (
+        ))
+        yield from self._families(CounterMetricFamily, (
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
             ("num_preemptions", "Requests preempted (their KV cache dropped, recomputed later).", s.num_preemptions),
-        ):
-            counter = CounterMetricFamily(f"ember:{name}", doc, labels=["model_name"])
-            counter.add_metric([self._model], value)
-            yield counter
-        yield from self._spec_decode(s)
-
-    def _spec_decode(self, s: EngineStats) -> Iterator[Metric]:
-        """vLLM's speculative-decoding counters (zero when speculation is off)."""
-        spec = s.spec_decode
-        for name, doc, value in (
+            # vLLM's speculative-decoding counters (zero when speculation is off).
             ("spec_decode_num_drafts", "Verification steps of requests with draft tokens.", spec.num_drafts),
             ("spec_decode_num_draft_tokens", "Draft tokens verified.", spec.num_draft_tokens),
             ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens),
-        ):
-            counter = CounterMetricFamily(f"ember:{name}", doc, labels=["model_name"])
-            counter.add_metric([self._model], value)
-            yield counter
+        ))
         per_position = CounterMetricFamily(
             "ember:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by draft position.",
             labels=["model_name", "position"],
@@ -65,6 +51,12 @@ class _EngineStatsCollector(Collector):
         for position, value in enumerate(spec.accepted_per_position):
             per_position.add_metric([self._model, str(position)], value)
         yield per_position
+
+    def _families(self, kind: type, items: tuple[tuple[str, str, float], ...]) -> Iterator[Metric]:
+        for name, doc, value in items:
+            family = kind(f"ember:{name}", doc, labels=["model_name"])
+            family.add_metric([self._model], value)
+            yield family
 
 
 class ServingMetrics:
