@@ -15,10 +15,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine, TokenizedPrompt
@@ -28,6 +28,8 @@ from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 
 logger = logging.getLogger("ember")
+
+T = TypeVar("T")
 
 
 class QueueFullError(EmberError):
@@ -152,6 +154,15 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    async def run_in_step_loop(self, fn: Callable[[LLMEngine], T]) -> T:
+        """`fn(engine)` on the step loop's thread, between two steps: work on the engine's model outside
+        any request (e.g. an embedding forward) that must never run concurrently with a step."""
+        if self._stopped:
+            raise EngineStepError("the engine is shut down")
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._send("call", (fn, done))
+        return await asyncio.wrap_future(done)
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wakeup.set()
@@ -193,6 +204,16 @@ class AsyncLLM:
                 self.engine.abort_request(payload)
                 with self._lock:
                     self._streams.pop(payload, None)
+            elif kind == "call":
+                self._call(*payload)
+
+    def _call(self, fn: Callable[[LLMEngine], Any], done: concurrent.futures.Future[Any]) -> None:
+        if not done.set_running_or_notify_cancel():  # the caller went away while it was queued
+            return
+        try:
+            done.set_result(fn(self.engine))
+        except Exception as e:  # the caller's error, not the step loop's
+            done.set_exception(e)
 
     def _add(
         self,
