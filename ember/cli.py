@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 import logging
+import os
 import sys
 import textwrap
 from typing import Any
@@ -86,11 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(serve, EngineConfig, _ENGINE_FLAGS, {})
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 route")
+    serve.add_argument("--api-key", default=os.environ.get("EMBER_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on every route but /health and /openapi.json "
+                            "(default: the EMBER_API_KEY environment variable, which unlike the flag is not "
+                            "visible in `ps`)")  # fmt: skip
+    serve.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     serve.add_argument("--served-model-name", default=None, help="model name clients use (default: the --model value)")
     serve.add_argument("--max-waiting-requests", type=int, default=256,
                        help="requests allowed to wait for a batch slot; beyond it: 429 with Retry-After (default: 256)")
-    serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default: 4 MiB)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                       help="largest request body, and longest prompt a chat template may render (default: 4 MiB)")
+    serve.add_argument("--header-timeout", type=float, default=15.0,
+                       help="seconds a connection may take to send a request's head (default: 15)")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a request's body may take to arrive (default: 30)")
     serve.add_argument("--verbose", action="store_true", help="log engine details to stderr")
     add_bench_parser(commands)
     add_eval_parser(commands)
@@ -156,15 +166,17 @@ def _run_chat(args: argparse.Namespace) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> None:
-    from ember.server.launch import serve
+    from ember.server.app import ServerSettings
+    from ember.server.launch import serve, served_model_name
 
     values = vars(args)
     config = EngineConfig(**{name: values[name] for name in _ENGINE_FLAGS})
     if args.max_waiting_requests < 1:
         raise EmberError("--max-waiting-requests must be at least 1")
     logging.getLogger("ember").setLevel(logging.INFO)  # the startup lines: model, KV capacity, address
-    serve(config, args.host, args.port, args.api_key, args.max_waiting_requests, args.max_body_bytes,
-          args.served_model_name)
+    settings = ServerSettings(served_model_name(config, args.served_model_name), args.api_key or None,
+                              args.metrics_public, args.max_body_bytes, args.header_timeout, args.body_timeout)
+    serve(config, settings, args.host, args.port, args.max_waiting_requests)
 
 
 def _read_template(path: str | None) -> str | None:

@@ -1,196 +1,147 @@
-"""The HTTP server: FastAPI routes of OpenAI's API (and vLLM's /tokenize, /detokenize, /metrics).
+"""The HTTP server: FastAPI routes of OpenAI's API (and vLLM's /tokenize, /detokenize, /tokenizer_info,
+/metrics), described at /openapi.json.
 
-Every error leaves as OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx
-status for anything the client can fix; a failure inside one request is that request's 500 and the
-engine keeps serving the others.
+Routes are thin: read and validate the body, call OpenAIServing, return its result. Errors are raised,
+never caught here: errors.py turns each of ember's error types into OpenAI's error shape with its status.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
-import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
-from ember.engine.async_engine import AsyncLLM, EngineStepError, QueueFullError
-from ember.errors import EmberError, InvalidRequestError
+import ember
+from ember.engine.async_engine import AsyncLLM
 from ember.metrics import ServingMetrics
-from ember.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from ember.server.serving import ModelNotServedError, OpenAIServing
+from ember.server.body import read_json
+from ember.server.chat_template import ChatTemplates, TemplateLimits
+from ember.server.errors import ApiError, install_error_handling
+from ember.server.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from ember.server.openapi import install_openapi, json_body
+from ember.server.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+)
+from ember.server.responses import (
+    ERRORS, ChatCompletionResponse, CompletionResponse, DetokenizeResponse, EmbeddingResponse, ModelCard, ModelList,
+    TokenizeResponse, TokenizerInfo,
+)
+from ember.server.serving import OpenAIServing, Job
 
-logger = logging.getLogger("ember")
+Model = TypeVar("Model", bound=BaseModel)
+
+_STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                   "description": "the response, or with stream: server-sent events of chunks"}}  # fmt: skip
+_PREPROCESS_THREADS = 2  # chat templates and tokenization: CPU-bound, so more threads would only contend
 
 
 @dataclass
 class ServerSettings:
     model_name: str
     api_key: str | None = None
+    """Required as `Authorization: Bearer KEY` on every route but /health and /openapi.json."""
+    metrics_public: bool = False
+    """Serve /metrics without the API key (for a Prometheus scraper without credentials)."""
     max_body_bytes: int = 4 << 20
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-
-def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    """Largest request body; also the longest prompt a chat template may render."""
+    header_timeout: float = 15.0
+    """Seconds a connection may take to deliver a request's head (new or after a response)."""
+    body_timeout: float = 30.0
+    """Seconds a request's whole body may take to arrive."""
+    template_timeout: float = 5.0
+    """Seconds a chat template may take to render."""
 
 
 def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
-    app = FastAPI(title="ember", docs_url=None, redoc_url=None, openapi_url=None)
+    preprocess = ThreadPoolExecutor(_PREPROCESS_THREADS, thread_name_prefix="ember-preprocess")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        preprocess.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="ember", version=ember.__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = ServingMetrics(lambda: llm.stats, settings.model_name)
-    serving = OpenAIServing(llm, settings.model_name, metrics)
+    templates = ChatTemplates(llm.tokenizer, TemplateLimits(settings.max_body_bytes, settings.template_timeout))
+    serving = OpenAIServing(llm, settings.model_name, metrics, templates, preprocess)
     app.state.llm, app.state.metrics = llm, metrics
 
+    install_error_handling(app)
     if settings.api_key is not None:
-        app.add_middleware(_ApiKeyMiddleware, api_key=settings.api_key)
+        public = {"/health", "/openapi.json"} | ({"/metrics"} if settings.metrics_public else set())
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, public_paths=frozenset(public))
+    app.add_middleware(RequestIdMiddleware)  # outermost: 401s carry the id too
+    install_openapi(app, [CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest,
+                          DetokenizeRequest])  # fmt: skip
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return error_response(e.status, e.message, e.type, e.param)
+    async def parse(request: Request, model: type[Model]) -> Model:
+        return await read_json(request, model, settings.max_body_bytes, settings.body_timeout)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, e: Exception) -> JSONResponse:
-        logger.exception("ember: request failed")
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
-
-    async def parse(request: Request, model: type[BaseModel]) -> Any:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            raise ApiError(413, f"request body exceeds {settings.max_body_bytes} bytes", "invalid_request_error")
-        body = bytearray()
-        async for piece in request.stream():
-            body += piece
-            if len(body) > settings.max_body_bytes:
-                raise ApiError(413, f"request body exceeds {settings.max_body_bytes} bytes", "invalid_request_error")
-        try:
-            json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_request_error") from e
-        try:
-            return model.model_validate_json(bytes(body))
-        except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_request_error", param) from e
-
-    async def run(start: Callable[[], Awaitable[Any]], stream: bool, request: Request) -> Response:
-        try:
-            job = await start()
-        except QueueFullError as e:
-            return error_response(429, str(e), "rate_limit_error", headers={"Retry-After": "1"})
-        except ModelNotServedError as e:
-            return error_response(404, str(e), "invalid_request_error", "model")
-        except EngineStepError as e:
-            return error_response(500, str(e), "server_error")
-        except EmberError as e:
-            return error_response(400, str(e), "invalid_request_error")
+    async def respond(job: Job, stream: bool, request: Request) -> Any:
         if stream:
             return StreamingResponse(serving.stream_response(job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            body = await _abort_on_disconnect(serving.full_response(job), request)
-        except EngineStepError as e:
-            return error_response(500, str(e), "server_error")
-        return JSONResponse(body)
+                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+        return await _abort_on_disconnect(serving.full_response(job), request)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **_STREAMED},
+              openapi_extra=json_body(CompletionRequest))  # fmt: skip
+    async def completions(request: Request) -> Any:
         arrival = time.monotonic()
-        body: CompletionRequest = await parse(request, CompletionRequest)
-        return await run(lambda: serving.start_completion(body, arrival), body.stream, request)
+        body = await parse(request, CompletionRequest)
+        return await respond(await serving.start_completion(body, arrival), body.stream, request)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **_STREAMED},
+              openapi_extra=json_body(ChatCompletionRequest))  # fmt: skip
+    async def chat_completions(request: Request) -> Any:
         arrival = time.monotonic()
-        body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
-        return await run(lambda: serving.start_chat(body, arrival), body.stream, request)
+        body = await parse(request, ChatCompletionRequest)
+        return await respond(await serving.start_chat(body, arrival), body.stream, request)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "ember",
-            "max_model_len": llm.max_model_len,
-        }]}
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS,
+              openapi_extra=json_body(EmbeddingRequest))  # fmt: skip
+    async def embeddings(request: Request) -> Any:
+        body = await parse(request, EmbeddingRequest)
+        return await _abort_on_disconnect(serving.embed(body), request)
 
-    @app.get("/health")
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models() -> Any:
+        return {"object": "list", "data": [serving.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
+    async def model(model_id: str) -> Any:
+        serving.check_model(model_id)
+        return serving.model_card()
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, openapi_extra=json_body(TokenizeRequest))
+    async def tokenize(request: Request) -> Any:
+        return await serving.tokenize(await parse(request, TokenizeRequest))
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS,
+              openapi_extra=json_body(DetokenizeRequest))  # fmt: skip
+    async def detokenize(request: Request) -> Any:
+        return await serving.detokenize(await parse(request, DetokenizeRequest))
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, responses=ERRORS)
+    async def tokenizer_info() -> Any:
+        return serving.tokenizer_info()
+
+    @app.get("/health", response_class=Response, responses={200: {"description": "the server is up"}})
     async def health() -> Response:
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS)
     async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        body: TokenizeRequest = await parse(request, TokenizeRequest)
-        try:
-            serving.check_model(body.model)
-            if (body.prompt is None) == (body.messages is None):
-                raise InvalidRequestError("give exactly one of `prompt` and `messages`")
-            if body.messages is not None:
-                text = llm.tokenizer.apply_chat_template(
-                    [{"role": m.role, "content": m.text()} for m in body.messages],
-                    add_generation_prompt=body.add_generation_prompt, chat_template=body.chat_template,
-                )
-                tokens = llm.tokenizer.encode(text, add_special_tokens=False)
-            else:
-                tokens = llm.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
-        except ModelNotServedError as e:
-            return error_response(404, str(e), "invalid_request_error", "model")
-        except EmberError as e:
-            return error_response(400, str(e), "invalid_request_error")
-        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": llm.max_model_len})
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        body: DetokenizeRequest = await parse(request, DetokenizeRequest)
-        vocab = llm.engine.model_config.vocab_size
-        try:
-            serving.check_model(body.model)
-        except ModelNotServedError as e:
-            return error_response(404, str(e), "invalid_request_error", "model")
-        if not all(0 <= t < vocab for t in body.tokens):
-            return error_response(400, f"token ids must be in [0, {vocab})", "invalid_request_error", "tokens")
-        return JSONResponse({"prompt": llm.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
-
-
-class _ApiKeyMiddleware:
-    """Every /v1 route needs `Authorization: Bearer KEY`. Plain ASGI (not BaseHTTPMiddleware), so streamed
-    responses and client disconnects pass through untouched."""
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            supplied = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(supplied, self.expected):  # constant time: no key guessing by timing
-                response = error_response(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                          "authentication_error")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 async def _abort_on_disconnect(work: Awaitable[Any], request: Request) -> Any:
@@ -202,4 +153,4 @@ async def _abort_on_disconnect(work: Awaitable[Any], request: Request) -> Any:
             return task.result()
         if await request.is_disconnected():
             task.cancel()
-            raise ApiError(499, "client disconnected", "invalid_request_error")
+            raise ApiError(499, "client disconnected")

@@ -1,33 +1,48 @@
-"""OpenAI completions and chat completions on top of AsyncLLM: request -> engine requests -> JSON or SSE.
+"""OpenAI completions, chat completions, embeddings and vLLM's tokenizer routes on top of AsyncLLM:
+request -> engine requests -> JSON or SSE.
 
 Each prompt of a request is one engine request (its n completions are forks inside the engine). A
 response is built from the engine's RequestOutputs: the streamed form sends each step's new text
 (`delta_text`) and the log-probabilities of the new tokens; the plain form waits for the end.
+
+CPU-heavy preprocessing (chat-template rendering, tokenization, long detokenization) runs in a thread
+pool, never on the event loop: a request with a megabyte prompt must not delay anyone else's /health.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
+import hashlib
 import json
+import logging
+import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
+import ember
 from ember.engine.async_engine import AsyncLLM, RequestStream
 from ember.engine.llm_engine import TokenizedPrompt
 from ember.errors import EmberError, InvalidRequestError
 from ember.metrics import ServingMetrics
 from ember.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ember.sampling_params import SamplingParams
-from ember.server.protocol import ChatCompletionRequest, CompletionRequest
+from ember.server.chat_template import ChatTemplates
+from ember.server.embeddings import batches, mean_pooled
+from ember.server.errors import FieldError, ModelNotServedError
+from ember.server.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+)
+
+logger = logging.getLogger("ember")
 
 Json = dict[str, Any]
-
-
-class ModelNotServedError(InvalidRequestError):
-    """The request names a model this server doesn't serve (404)."""
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,7 +55,7 @@ class _ChoiceState:
 
 
 @dataclass
-class _Job:
+class Job:
     """The engine requests of one HTTP request, with what is needed to shape the response."""
 
     kind: str  # "text_completion" or "chat.completion"
@@ -51,62 +66,145 @@ class _Job:
     streams: list[RequestStream]
     echo: bool = False
     include_usage: bool = False
+    prompt_only: bool = False  # max_tokens 0: the engine's one generated token is dropped
     choices: dict[int, _ChoiceState] = field(default_factory=dict)
 
     def close(self) -> None:
         for stream in self.streams:
             stream.close()
 
+    def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) as they come, with the generated token dropped for `prompt_only`."""
+        merged = _merge(self.streams)
+        return _without_generated(merged) if self.prompt_only else merged
+
 
 class OpenAIServing:
-    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServingMetrics) -> None:
+    def __init__(
+        self, llm: AsyncLLM, model_name: str, metrics: ServingMetrics, templates: ChatTemplates, preprocess: Executor
+    ) -> None:
         self.llm = llm
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = llm.tokenizer
+        self.templates = templates
+        self.preprocess = preprocess
+        self.system_fingerprint = _fingerprint(llm, model_name)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise ModelNotServedError(f"the model `{model}` does not exist; this server serves `{self.model_name}`")
 
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.preprocess, functools.partial(fn, *args))
+
     # -- entry points -----------------------------------------------------------------------------
 
-    async def start_completion(self, request: CompletionRequest, arrival: float) -> _Job:
+    async def start_completion(self, request: CompletionRequest, arrival: float) -> Job:
         self.check_model(request.model)
         params = request.sampling_params()
-        prompts = [self.llm.process_prompt(p) for p in request.prompts()]
-        return await self._start("text_completion", "cmpl", prompts, params, arrival, request.echo, request.include_usage)
+        add_special = request.add_special_tokens is not False
+        prompts = await self._off_loop(self._prompts, request.prompts(), add_special, "prompt")
+        job = Job("text_completion", f"cmpl-{uuid.uuid4().hex}", int(time.time()), params, prompts, [],
+                   request.echo, request.include_usage, request.scores_prompt_only)  # fmt: skip
+        return await self._start(job, arrival, request)
 
-    async def start_chat(self, request: ChatCompletionRequest, arrival: float) -> _Job:
+    async def start_chat(self, request: ChatCompletionRequest, arrival: float) -> Job:
         self.check_model(request.model)
         params = request.sampling_params()
-        text = self.tokenizer.apply_chat_template(
-            request.conversation(), add_generation_prompt=request.add_generation_prompt, chat_template=request.chat_template
-        )
-        # The template writes BOS itself where the model wants one.
-        prompt = self.llm.process_prompt(self.tokenizer.encode(text, add_special_tokens=False))
-        prompt = TokenizedPrompt(text, prompt.token_ids)
-        return await self._start("chat.completion", "chatcmpl", [prompt], params, arrival, False, request.include_usage)
+        prompt = await self._off_loop(self._chat_prompt, request, bool(request.add_special_tokens))
+        job = Job("chat.completion", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params, [prompt], [],
+                   include_usage=request.include_usage)  # fmt: skip
+        return await self._start(job, arrival, request)
 
-    async def _start(
-        self, kind: str, prefix: str, prompts: list[TokenizedPrompt], params: SamplingParams, arrival: float,
-        echo: bool, include_usage: bool,
-    ) -> _Job:
-        response_id = f"{prefix}-{uuid.uuid4().hex}"
-        job = _Job(kind, response_id, int(time.time()), params, prompts, [], echo, include_usage)
+    async def _start(self, job: Job, arrival: float, request: CompletionRequest | ChatCompletionRequest) -> Job:
         try:
-            for i, prompt in enumerate(prompts):
-                job.streams.append(await self.llm.add_request(f"{response_id}-{i}", prompt, params, arrival))
+            for i, prompt in enumerate(job.prompts):
+                job.streams.append(await self.llm.add_request(f"{job.response_id}-{i}", prompt, job.params, arrival))
+        except InvalidRequestError as e:  # the engine's checks (context length, vocabulary)
+            job.close()
+            raise request.blame(e, type(request).model_fields) from e
         except BaseException:
             job.close()
             raise
         return job
 
-    async def full_response(self, job: _Job) -> Json:
+    async def tokenize(self, request: TokenizeRequest) -> Json:
+        self.check_model(request.model)
+        tokens = await self._off_loop(self._tokenize, request)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.llm.max_model_len}
+
+    async def detokenize(self, request: DetokenizeRequest) -> Json:
+        self.check_model(request.model)
+        vocab = self.llm.engine.model_config.vocab_size
+        if not all(0 <= t < vocab for t in request.tokens):
+            raise FieldError(f"tokens: token ids must be in [0, {vocab})", "tokens")
+        text = await self._off_loop(self.tokenizer.decode, request.tokens, False)
+        return {"prompt": text}
+
+    async def embed(self, request: EmbeddingRequest) -> Json:
+        self.check_model(request.model)
+        prompts = await self._off_loop(self._prompts, request.inputs(), request.add_special_tokens, "input")
+        vectors: list[list[float]] = []
+        # One command per batch, so generation steps run between the batches of a large request.
+        for batch in batches([p.token_ids for p in prompts], self.llm.engine.config.max_num_batched_tokens):
+            vectors += await self.llm.run_in_step_loop(functools.partial(mean_pooled, prompts=batch))
+        count = sum(len(p.token_ids) for p in prompts)
+        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, request.encoding_format)}
+                for i, v in enumerate(vectors)]  # fmt: skip
+        return {"object": "list", "data": data, "model": self.model_name, "pooling": "mean",
+                "usage": {"prompt_tokens": count, "total_tokens": count}}  # fmt: skip
+
+    def model_card(self) -> Json:
+        return {"id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "ember",
+                "max_model_len": self.llm.max_model_len}  # fmt: skip
+
+    def tokenizer_info(self) -> Json:
+        tokenizer = self.tokenizer
+        names = tokenizer.special_tokens
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",  # ember's tokenizer matches transformers' fast one
+            **{name: names.get(name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")},
+            "chat_template": tokenizer.chat_template,
+            "model_max_length": self.llm.max_model_len,
+            "vocab_size": tokenizer.vocab_size,
+        }
+
+    # -- preprocessing (in the thread pool) -------------------------------------------------------
+
+    def _prompts(self, prompts: Sequence[str | list[int]], add_special_tokens: bool, param: str) -> list[TokenizedPrompt]:
+        return [self._prompt(p, add_special_tokens, param) for p in prompts]
+
+    def _prompt(self, prompt: str | list[int], add_special_tokens: bool, param: str) -> TokenizedPrompt:
+        """Tokenized and checked against the vocabulary and the context; errors name `param`."""
+        try:
+            if isinstance(prompt, list):
+                return self.llm.process_prompt(prompt)
+            token_ids = self.llm.process_prompt(self.tokenizer.encode(prompt, add_special_tokens)).token_ids
+        except InvalidRequestError as e:
+            raise FieldError(f"{param}: {e}", param) from e
+        return TokenizedPrompt(prompt, token_ids)
+
+    def _render(self, request: ChatCompletionRequest | TokenizeRequest) -> str:
+        return self.templates.render(request.conversation(), request.add_generation_prompt, request.chat_template,
+                                     request.chat_template_kwargs)  # fmt: skip
+
+    def _chat_prompt(self, request: ChatCompletionRequest, add_special_tokens: bool) -> TokenizedPrompt:
+        # The template writes BOS itself where the model wants one.
+        return self._prompt(self._render(request), add_special_tokens, "messages")
+
+    def _tokenize(self, request: TokenizeRequest) -> list[int]:
+        if request.messages is not None:
+            return self.tokenizer.encode(self._render(request), add_special_tokens=False)
+        return self.tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
+
+    # -- responses --------------------------------------------------------------------------------
+
+    async def full_response(self, job: Job) -> Json:
         """Wait for every completion and build the non-streamed response."""
         finals: list[RequestOutput | None] = [None] * len(job.streams)
         try:
-            async for index, output in _merge(job.streams):
+            async for index, output in job.outputs():
                 finals[index] = output
         finally:
             job.close()
@@ -118,24 +216,16 @@ class OpenAIServing:
             assert output is not None
             for completion in output.outputs:
                 choices.append(self._full_choice(job, prompt_index, output, completion))
-        body: Json = {
-            "id": job.response_id,
-            "object": job.kind,
-            "created": job.created,
-            "model": self.model_name,
-            "choices": choices,
-            "usage": _usage(finals),
-        }
-        return body
+        return {**self._envelope(job, job.kind), "choices": choices, "usage": _usage(finals)}
 
-    async def stream_response(self, job: _Job) -> AsyncIterator[str]:
+    async def stream_response(self, job: Job) -> AsyncIterator[str]:
         """Server-sent events: one `data:` chunk per step with new text, `data: [DONE]` at the end."""
         last: list[RequestOutput | None] = [None] * len(job.streams)
         try:
             if job.kind == "chat.completion":
                 yield _sse(self._chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                "logprobs": None, "finish_reason": None} for i in range(job.params.n)]))
-            async for prompt_index, output in _merge(job.streams):
+            async for prompt_index, output in job.outputs():
                 last[prompt_index] = output
                 choices = [
                     choice
@@ -147,7 +237,9 @@ class OpenAIServing:
             if job.include_usage:
                 yield _sse(self._chunk(job, [], usage=_usage(last)))
             yield "data: [DONE]\n\n"
-        except EmberError as e:  # the engine failed this request mid-stream: tell the client in-band
+        except Exception as e:  # the status line is sent: tell the client in-band, and end the stream cleanly
+            if not isinstance(e, EmberError):
+                logger.exception("ember: stream of %s failed", job.response_id)
             yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
         finally:
             job.close()
@@ -157,19 +249,18 @@ class OpenAIServing:
 
     # -- response pieces --------------------------------------------------------------------------
 
-    def _chunk(self, job: _Job, choices: list[Json], usage: Json | None = None) -> Json:
-        chunk: Json = {
-            "id": job.response_id,
-            "object": "chat.completion.chunk" if job.kind == "chat.completion" else "text_completion",
-            "created": job.created,
-            "model": self.model_name,
-            "choices": choices,
-        }
+    def _envelope(self, job: Job, kind: str) -> Json:
+        return {"id": job.response_id, "object": kind, "created": job.created, "model": self.model_name,
+                "system_fingerprint": self.system_fingerprint}  # fmt: skip
+
+    def _chunk(self, job: Job, choices: list[Json], usage: Json | None = None) -> Json:
+        kind = "chat.completion.chunk" if job.kind == "chat.completion" else "text_completion"
+        chunk: Json = {**self._envelope(job, kind), "choices": choices}
         if job.include_usage:
             chunk["usage"] = usage
         return chunk
 
-    def _full_choice(self, job: _Job, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> Json:
+    def _full_choice(self, job: Job, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> Json:
         index = prompt_index * job.params.n + completion.index
         if job.kind == "chat.completion":
             return {
@@ -195,7 +286,7 @@ class OpenAIServing:
             "stop_reason": completion.stop_reason,
         }
 
-    def _stream_choice(self, job: _Job, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> Json | None:
+    def _stream_choice(self, job: Job, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> Json | None:
         index = prompt_index * job.params.n + completion.index
         state = job.choices.get(index)
         first = state is None
@@ -273,6 +364,34 @@ class OpenAIServing:
 
     def _chat_token(self, token_id: int, logprob: float | None) -> Json:
         return {"token": self._token_text(token_id), "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token_id))}
+
+
+def _fingerprint(llm: AsyncLLM, model_name: str) -> str:
+    """OpenAI's system_fingerprint: changes when anything that can change outputs for the same request does."""
+    config = llm.engine.config
+    setup = (ember.__version__, model_name, str(llm.engine.dtype), config.quantization, config.kv_cache_dtype,
+             config.lm_head_quantization, config.speculative_config)  # fmt: skip
+    return "fp_" + hashlib.sha256(repr(setup).encode()).hexdigest()[:12]
+
+
+def _encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":  # OpenAI's: the raw little-endian float32 values
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+async def _without_generated(
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs with nothing generated: max_tokens 0 scores the prompt only (its logprobs stay)."""
+    async for index, output in outputs:
+        completions = [
+            replace(c, text="", token_ids=[], delta_text="", cumulative_logprob=None, stop_reason=None,
+                    logprobs=None if c.logprobs is None else [],
+                    finish_reason=None if c.finish_reason is None else "length")  # fmt: skip
+            for c in output.outputs
+        ]
+        yield index, replace(output, outputs=completions)
 
 
 def _empty_legacy() -> Json:

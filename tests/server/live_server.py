@@ -10,6 +10,8 @@ import time
 
 import httpx
 
+API_KEY = "test-key-123"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -22,6 +24,8 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = f"/tmp/ember-serve-{self.port}.log"
+        key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ember.cli", "serve", "--port", str(self.port), *args],
@@ -47,7 +51,7 @@ class LiveServer:
     def metric(self, name: str, default: float | None = None) -> float:
         """The value of the first series of /metrics whose name (and, if given, leading labels) match:
         `metric("ember:num_requests_running")`, `metric('ember:request_success_total{finished_reason="length"')`."""
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+        for line in httpx.get(self.url + "/metrics", headers=self.headers, timeout=10).text.splitlines():
             if line.startswith(name) and line[len(name)] in "{ ,":
                 return float(line.rsplit(" ", 1)[1])
         if default is not None:

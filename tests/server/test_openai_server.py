@@ -11,22 +11,9 @@ import openai
 import pytest
 
 from ember import LLM, SamplingParams
-from live_server import LiveServer
+from live_server import API_KEY, LiveServer
 
-API_KEY = "test-key-123"
 PROMPTS = ["The quick brown fox", "def add(a, b):", "Once upon a time", "1, 2, 3, 4,", "Hello, world"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(checkpoint_dir) -> str:
-    return checkpoint_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    live = LiveServer("--model", model_dir, "--served-model-name", "tiny", "--api-key", API_KEY)
-    yield live
-    live.stop()
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +23,8 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def offline(model_dir) -> LLM:
-    return LLM(model_dir, kv_cache_memory=0.5)
+    """The server's engine offline, in the server's dtype (float32: outputs independent of the batch)."""
+    return LLM(model_dir, kv_cache_memory=0.5, dtype="float32")
 
 
 def _greedy(llm: LLM, prompts: list[str], max_tokens: int) -> list[str]:
@@ -182,45 +170,6 @@ def test_disconnects_free_every_block(server):
     _wait_idle(server)
     assert server.metric("ember:kv_cache_blocks_used") == 0
     assert server.metric("ember:generation_tokens_total") > 0
-
-
-def _post(server: LiveServer, path: str, body: object, key: str | None = API_KEY, raw: bytes | None = None) -> httpx.Response:
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    content = raw if raw is not None else json.dumps(body).encode()
-    return httpx.post(server.url + path, content=content, headers=headers, timeout=60)
-
-
-BAD_REQUESTS = [
-    ("bad json", "/v1/completions", None, b'{"prompt": "x", ', API_KEY, 400),
-    ("wrong type", "/v1/completions", {"prompt": "x", "max_tokens": "5"}, None, API_KEY, 400),
-    ("prompt wrong type", "/v1/completions", {"prompt": 5}, None, API_KEY, 400),
-    ("negative max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": -1}, None, API_KEY, 400),
-    ("temperature < 0", "/v1/completions", {"prompt": "x", "temperature": -0.5}, None, API_KEY, 400),
-    ("top_p > 1", "/v1/completions", {"prompt": "x", "top_p": 1.5}, None, API_KEY, 400),
-    ("huge n", "/v1/completions", {"prompt": "x", "n": 100000}, None, API_KEY, 400),
-    ("prompt over context", "/v1/completions", {"prompt": "hello " * 2000}, None, API_KEY, 400),
-    ("max_tokens over context", "/v1/completions", {"prompt": "x", "max_tokens": 100000}, None, API_KEY, 400),
-    ("token id out of vocab", "/v1/completions", {"prompt": [1, 10**9]}, None, API_KEY, 400),
-    ("empty messages", "/v1/chat/completions", {"messages": []}, None, API_KEY, 400),
-    ("message wrong type", "/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, None, API_KEY, 400),
-    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, None, API_KEY, 404),
-    ("missing api key", "/v1/completions", {"prompt": "x"}, None, None, 401),
-    ("wrong api key", "/v1/completions", {"prompt": "x"}, None, "nope", 401),
-    ("oversized body", "/v1/completions", None, b'{"prompt": "' + b"a" * (5 << 20) + b'"}', API_KEY, 413),
-    ("unknown route", "/v1/nothing", {"prompt": "x"}, None, API_KEY, 404),
-]
-
-
-@pytest.mark.parametrize("name,path,body,raw,key,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_request(server, client, name, path, body, raw, key, status):
-    response = _post(server, path, body, key, raw)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["message"] and error["type"] and error["code"] == status
-    # and the server keeps serving
-    assert client.completions.create(model="tiny", prompt="ok", max_tokens=2, temperature=0).choices[0].text is not None
 
 
 def test_unknown_fields_are_ignored(client):
