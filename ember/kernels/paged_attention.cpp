@@ -1,19 +1,31 @@
-// Decode attention straight from the paged KV cache: one query per sequence, keys and values read from
-// their blocks in place (no gather copy of the whole context per layer and step).
+// Attention straight from the paged KV cache for sequences with a short block of new queries each: one for
+// decode, k+1 when verifying k drafted tokens, a few for a prefill chunk after a prefix hit. Keys and values
+// are read from their blocks in place (no gather copy of the context per layer and step), and every sequence
+// of a step goes through one call.
 //
-// q: [B, H, D]; k_pool, v_pool: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks] int64
-// (block i holds positions [i * block_size, (i + 1) * block_size)); key_start, key_end: [B] int64, the
-// positions each query attends to (key_start > 0 for a sliding window). Returns [B, H, D] in q's dtype.
-// Scores and the weighted value sum are kept in fp32. Work is split over (sequence, kv head) pairs.
+// q: [T, H, D] with sequence b's queries in rows [query_starts[b], query_starts[b + 1]); they are the last
+// n_b positions of the sequence, so its query j sits at position p = key_ends[b] - n_b + j and sees the keys
+// at [max(key_starts[b], p + 1 - window), p + 1) (causal; window 0: no sliding window). k_pool, v_pool:
+// [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks] int64 (block i holds positions
+// [i * block_size, (i + 1) * block_size)). Returns [T, H, D] in q's dtype; scores and the weighted value sum
+// are kept in fp32.
 //
 // The pools hold either q's dtype, or quantized codes (int8, or fp8 e4m3 bits) with one fp32 scale per
 // (token, kv head) in k_scales, v_scales: [num_blocks, block_size, Hkv]. Codes are widened to fp32 in
 // registers and the scale is folded in once per vector: into the score (q . k = scale * (q . codes)) and
 // into the softmax weight of the value.
+//
+// Batch invariance: a query row's result is one fixed sequence of fp32 operations over its own keys (dot
+// products in chunk order, softmax over its own range in key order, the weighted sum in key order), whatever
+// else is in the batch, how rows are tiled, and which thread runs them. Keys outside a row's range but inside
+// its tile's get weight exactly 0, which leaves the sums unchanged. So a decode row (n_b = 1) gives the same
+// bits as it would alone, or next to sequences with longer query blocks.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -72,124 +84,214 @@ struct KVView {
   }
 };
 
-constexpr int kTile = 4;   // query heads of one KV head handled together: their sums stay in registers
-constexpr int kWidth = 4;  // 16-float chunks of a value row accumulated together (kTile * kWidth registers)
+// Rows (query j, head g of the kv head's group) are numbered r = j * group + g; a tile of rows shares the
+// key and value loads. Sizes are picked for 32 vector registers: kScoreTile * kKeys dot accumulators, and
+// kSumTile * kWidth value accumulators.
+constexpr int kScoreTile = 8;
+constexpr int kKeys = 2;
+constexpr int kSumTile = 8;
+constexpr int kWidth = 2;  // 16-float chunks of a value row accumulated together
 
-// Calls f(std::integral_constant<int, t>) for a tile of t = 1..kTile query heads (unrolled per size).
+// Calls f(std::integral_constant<int, t>) for a tile of t = 1..8 rows (unrolled per size).
 template <typename F>
 inline void with_tile(int64_t t, F&& f) {
   switch (t) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
   }
 }
 
-// dots[j] = q_j . k for T fp32 query rows q ([T][D]); each key chunk is widened once for all T heads.
-template <int T, typename C>
-inline void dot_tile(const float* q, const C* k, int64_t D, float* dots) {
-  __m512 sum[T];
-  for (int j = 0; j < T; ++j) sum[j] = _mm512_setzero_ps();
+// dots[j * K + k] = q_j . key_k for T fp32 query rows q ([T][D]) and K keys; each key chunk is widened once for
+// all T rows. Every dot is the same chain of FMAs over chunks in order, whatever T and K are.
+template <int T, int K, typename C>
+inline void dot_tile(const float* q, const C* const* keys, int64_t D, float* dots) {
+  __m512 sum[T][K];
+  for (int j = 0; j < T; ++j)
+    for (int k = 0; k < K; ++k) sum[j][k] = _mm512_setzero_ps();
   for (int64_t c = 0; c < D; c += 16) {
-    const __m512 kk = load16(k + c);
-    for (int j = 0; j < T; ++j) sum[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * D + c), kk, sum[j]);
+    __m512 kk[K];
+    for (int k = 0; k < K; ++k) kk[k] = load16(keys[k] + c);
+    for (int j = 0; j < T; ++j) {
+      const __m512 qq = _mm512_loadu_ps(q + j * D + c);
+      for (int k = 0; k < K; ++k) sum[j][k] = _mm512_fmadd_ps(qq, kk[k], sum[j][k]);
+    }
   }
-  for (int j = 0; j < T; ++j) dots[j] = _mm512_reduce_add_ps(sum[j]);
+  for (int j = 0; j < T; ++j)
+    for (int k = 0; k < K; ++k) dots[j * K + k] = _mm512_reduce_add_ps(sum[j][k]);
 }
 
-// out[j][c0, c0 + 16 W) = sum_i weights[j][i] * v_i[c0, c0 + 16 W) for T heads; weights: [T][n].
+// out[j][c0, c0 + 16 W) = sum_i weights[j * stride + i] * v_i[c0, c0 + 16 W) for T rows, i in [0, n).
 template <int T, int W, typename C>
-inline void weighted_sum_tile(const float* weights, int64_t n, const C* v_pool, const int64_t* rows, int64_t D,
-                              int64_t c0, float* out) {
+inline void weighted_sum_tile(const float* weights, int64_t stride, int64_t n, const C* v_pool, const int64_t* rows,
+                              int64_t D, int64_t c0, float* out) {
   __m512 acc[T][W];
   for (int j = 0; j < T; ++j)
     for (int w = 0; w < W; ++w) acc[j][w] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
     const C* v = v_pool + rows[i] * D + c0;
-    for (int w = 0; w < W; ++w) {
-      const __m512 vv = load16(v + 16 * w);
-      for (int j = 0; j < T; ++j) acc[j][w] = _mm512_fmadd_ps(_mm512_set1_ps(weights[j * n + i]), vv, acc[j][w]);
+    __m512 vv[W];
+    for (int w = 0; w < W; ++w) vv[w] = load16(v + 16 * w);
+    for (int j = 0; j < T; ++j) {
+      const __m512 weight = _mm512_set1_ps(weights[j * stride + i]);
+      for (int w = 0; w < W; ++w) acc[j][w] = _mm512_fmadd_ps(weight, vv[w], acc[j][w]);
     }
   }
   for (int j = 0; j < T; ++j)
     for (int w = 0; w < W; ++w) store16(out + j * D + c0 + 16 * w, acc[j][w]);
 }
 
-struct Scratch {  // per-thread buffers, reused across (sequence, kv head) pairs
+// One unit of work: rows [r0, r1) of one (sequence, kv head) pair.
+struct Item {
+  int64_t b, h, r0, r1, cost;
+};
+
+// Where one sequence's queries sit and which keys each sees.
+struct Queries {
+  int64_t first_pos;  // position of query 0
+  int64_t key_start, window, group;
+  int64_t lo(int64_t r) const {  // first key row r sees
+    const int64_t hi_r = hi(r);
+    return window > 0 ? std::max(key_start, hi_r - window) : key_start;
+  }
+  int64_t hi(int64_t r) const { return first_pos + r / group + 1; }  // one past its last key
+};
+
+struct Scratch {  // per-thread buffers, reused across items
   std::vector<int64_t> rows;
   std::vector<float> q, scores, out;
 };
 
+// Rows [r0, r1) of one (sequence, kv head) pair. q_seq, out_seq point at the sequence's query 0, head 0;
+// the rows' keys span [lo(r0), hi(r1 - 1)), indexed from lo(r0) in s.rows and s.scores.
 template <typename Q, typename C>
-void attend_one(const Q* q, const KVView<C>& kv, int64_t start, int64_t end, int64_t group, int64_t D, float scale,
-                float softcap, Q* out, Scratch& s) {
-  const int64_t n = end - start;
+void attend_rows(const Q* q_seq, Q* out_seq, int64_t H, const KVView<C>& kv, const Queries& qs, int64_t r0,
+                 int64_t r1, int64_t D, float scale, float softcap, Scratch& s) {
+  const int64_t nr = r1 - r0, first = qs.lo(r0), n = qs.hi(r1 - 1) - first;
+  const int64_t head0 = kv.kv_head * qs.group;
+  auto q_offset = [&](int64_t r) { return ((r / qs.group) * H + head0 + r % qs.group) * D; };
   s.rows.resize(n);
-  for (int64_t i = 0; i < n; ++i) s.rows[i] = kv.row(start + i);
-  s.q.resize(group * D);
-  for (int64_t e = 0; e < group * D; e += 16) store16(s.q.data() + e, load16(q + e));
-  s.scores.resize(group * n);
-  s.out.resize(group * D);
-  for (int64_t g0 = 0; g0 < group; g0 += kTile) {
-    with_tile(std::min<int64_t>(kTile, group - g0), [&](auto tile) {
+  for (int64_t i = 0; i < n; ++i) s.rows[i] = kv.row(first + i);
+  s.q.resize(nr * D);
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t e = 0; e < D; e += 16) store16(s.q.data() + r * D + e, load16(q_seq + q_offset(r0 + r) + e));
+  s.scores.resize(nr * n);
+  s.out.resize(nr * D);
+  // A tile's keys: from its first row's first key to its last row's last.
+  auto tile_keys = [&](int64_t t0, int64_t t) {
+    return std::pair<int64_t, int64_t>{qs.lo(r0 + t0) - first, qs.hi(r0 + t0 + t - 1) - first};
+  };
+  for (int64_t t0 = 0; t0 < nr; t0 += kScoreTile) {
+    const int64_t t = std::min<int64_t>(kScoreTile, nr - t0);
+    const auto [i0, i1] = tile_keys(t0, t);
+    with_tile(t, [&](auto tile) {
       constexpr int T = decltype(tile)::value;
-      float dots[T];
-      for (int64_t i = 0; i < n; ++i) {
-        dot_tile<T>(s.q.data() + g0 * D, kv.k_pool + s.rows[i] * D, D, dots);
-        const float key_scale = kv.k_scales ? kv.k_scales[s.rows[i]] * scale : scale;
-        for (int j = 0; j < T; ++j) {
-          float score = dots[j] * key_scale;
-          if (softcap > 0.f) score = std::tanh(score / softcap) * softcap;
-          s.scores[(g0 + j) * n + i] = score;
-        }
-      }
+      auto score = [&](auto keys) {
+        constexpr int K = decltype(keys)::value;
+        return [&](int64_t i) {
+          const C* k_rows[K];
+          for (int k = 0; k < K; ++k) k_rows[k] = kv.k_pool + s.rows[i + k] * D;
+          float dots[T * K];
+          dot_tile<T, K>(s.q.data() + t0 * D, k_rows, D, dots);
+          for (int k = 0; k < K; ++k) {
+            const float key_scale = kv.k_scales ? kv.k_scales[s.rows[i + k]] * scale : scale;
+            for (int j = 0; j < T; ++j) {
+              float value = dots[j * K + k] * key_scale;
+              if (softcap > 0.f) value = std::tanh(value / softcap) * softcap;
+              s.scores[(t0 + j) * n + i + k] = value;
+            }
+          }
+        };
+      };
+      int64_t i = i0;
+      const auto pair = score(std::integral_constant<int, kKeys>{});
+      for (; i + kKeys <= i1; i += kKeys) pair(i);
+      const auto single = score(std::integral_constant<int, 1>{});
+      for (; i < i1; ++i) single(i);
     });
   }
-  for (int64_t g = 0; g < group; ++g) {  // softmax per query head; a value's scale folds into its weight
-    float* row = s.scores.data() + g * n;
+  for (int64_t r = 0; r < nr; ++r) {  // softmax over the row's own keys; a value's scale folds into its weight
+    float* row = s.scores.data() + r * n;
+    const int64_t lo = qs.lo(r0 + r) - first, hi = qs.hi(r0 + r) - first;
     float mx = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, row[i]);
+    for (int64_t i = lo; i < hi; ++i) mx = std::max(mx, row[i]);
     float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) sum += (row[i] = std::exp(row[i] - mx));
+    for (int64_t i = lo; i < hi; ++i) sum += (row[i] = std::exp(row[i] - mx));
     const float inv = 1.f / sum;
-    for (int64_t i = 0; i < n; ++i) row[i] *= kv.v_scales ? inv * kv.v_scales[s.rows[i]] : inv;
+    for (int64_t i = lo; i < hi; ++i) row[i] *= kv.v_scales ? inv * kv.v_scales[s.rows[i]] : inv;
+    std::fill(row, row + lo, 0.f);
+    std::fill(row + hi, row + n, 0.f);
   }
-  for (int64_t g0 = 0; g0 < group; g0 += kTile) {
-    with_tile(std::min<int64_t>(kTile, group - g0), [&](auto tile) {
+  for (int64_t t0 = 0; t0 < nr; t0 += kSumTile) {
+    const int64_t t = std::min<int64_t>(kSumTile, nr - t0);
+    const auto [i0, i1] = tile_keys(t0, t);
+    with_tile(t, [&](auto tile) {
       constexpr int T = decltype(tile)::value;
-      const float* weights = s.scores.data() + g0 * n;
-      float* acc = s.out.data() + g0 * D;
+      const float* weights = s.scores.data() + t0 * n + i0;
+      const int64_t* rows = s.rows.data() + i0;
+      float* acc = s.out.data() + t0 * D;
       int64_t c0 = 0;
       for (; c0 + 16 * kWidth <= D; c0 += 16 * kWidth)
-        weighted_sum_tile<T, kWidth>(weights, n, kv.v_pool, s.rows.data(), D, c0, acc);
-      for (; c0 < D; c0 += 16) weighted_sum_tile<T, 1>(weights, n, kv.v_pool, s.rows.data(), D, c0, acc);
+        weighted_sum_tile<T, kWidth>(weights, n, i1 - i0, kv.v_pool, rows, D, c0, acc);
+      for (; c0 < D; c0 += 16) weighted_sum_tile<T, 1>(weights, n, i1 - i0, kv.v_pool, rows, D, c0, acc);
     });
   }
-  for (int64_t e = 0; e < group * D; e += 16) store16(out + e, load16(s.out.data() + e));
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t e = 0; e < D; e += 16) store16(out_seq + q_offset(r0 + r) + e, load16(s.out.data() + r * D + e));
+}
+
+// The step's work: each (sequence, kv head) pair's rows, split into pieces when there are fewer pairs than
+// threads (one decoding sequence), longest first so the threads finish together.
+std::vector<Item> plan(const int64_t* query_starts, int64_t B, int64_t kv_heads, int64_t group,
+                       const int64_t* key_ends, int64_t threads) {
+  const int64_t pieces = std::max<int64_t>(1, (threads + B * kv_heads - 1) / (B * kv_heads));
+  std::vector<Item> items;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t rows = (query_starts[b + 1] - query_starts[b]) * group;
+    const int64_t step = std::max<int64_t>(1, (rows + pieces - 1) / pieces);
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t r0 = 0; r0 < rows; r0 += step) {
+        const int64_t r1 = std::min(rows, r0 + step);
+        items.push_back({b, h, r0, r1, (r1 - r0) * key_ends[b]});
+      }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  return items;
 }
 
 template <typename Q, typename C>
 void run(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool, const float* k_scales,
-         const float* v_scales, const torch::Tensor& tables, const torch::Tensor& key_start,
-         const torch::Tensor& key_end, float scale, float softcap, torch::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+         const float* v_scales, const torch::Tensor& tables, const torch::Tensor& query_starts,
+         const torch::Tensor& key_starts, const torch::Tensor& key_ends, int64_t window, float scale, float softcap,
+         const torch::Tensor& out) {
+  const int64_t B = tables.size(0), H = q.size(1), D = q.size(2);
   const int64_t block_size = k_pool.size(1), kv_heads = k_pool.size(2), group = H / kv_heads;
   const int64_t max_blocks = tables.size(1);
   const Q* qp = q.data_ptr<Q>();
   const C* kp = static_cast<const C*>(k_pool.data_ptr());
   const C* vp = static_cast<const C*>(v_pool.data_ptr());
   const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* sp = key_start.data_ptr<int64_t>();
-  const int64_t* ep = key_end.data_ptr<int64_t>();
+  const int64_t* qsp = query_starts.data_ptr<int64_t>();
+  const int64_t* sp = key_starts.data_ptr<int64_t>();
+  const int64_t* ep = key_ends.data_ptr<int64_t>();
   Q* op = out.data_ptr<Q>();
-  at::parallel_for(0, B * kv_heads, 1, [&](int64_t w0, int64_t w1) {
+  const std::vector<Item> items = plan(qsp, B, kv_heads, group, ep, at::get_num_threads());
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {  // one index per thread; items handed out in order
     Scratch scratch;
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t b = w / kv_heads, h = w % kv_heads;
-      const KVView<C> kv{kp, vp, k_scales, v_scales, tp + b * max_blocks, block_size, kv_heads, h};
-      attend_one<Q, C>(qp + (b * H + h * group) * D, kv, sp[b], ep[b], group, D, scale, softcap,
-                       op + (b * H + h * group) * D, scratch);
+    for (int64_t w = next++; w < static_cast<int64_t>(items.size()); w = next++) {
+      const Item& it = items[w];
+      const int64_t n_b = qsp[it.b + 1] - qsp[it.b];
+      const KVView<C> kv{kp, vp, k_scales, v_scales, tp + it.b * max_blocks, block_size, kv_heads, it.h};
+      const Queries qs{ep[it.b] - n_b, sp[it.b], window, group};
+      attend_rows<Q, C>(qp + qsp[it.b] * H * D, op + qsp[it.b] * H * D, H, kv, qs, it.r0, it.r1, D, scale, softcap,
+                        scratch);
     }
   });
 }
@@ -204,23 +306,41 @@ const float* scales_ptr(const std::optional<torch::Tensor>& scales, const torch:
 }
 
 // Picks the cache element type for a query type Q.
-template <typename Q>
+template <typename Q, typename... Args>
 void dispatch_cache(const torch::Tensor& q, const torch::Tensor& k_pool, const torch::Tensor& v_pool,
                     const std::optional<torch::Tensor>& k_scales, const std::optional<torch::Tensor>& v_scales,
-                    const torch::Tensor& tables, const torch::Tensor& key_start, const torch::Tensor& key_end,
-                    float scale, float softcap, torch::Tensor& out) {
+                    const Args&... args) {
   const auto kind = k_pool.scalar_type();
   if (kind == q.scalar_type()) {
-    run<Q, Q>(q, k_pool, v_pool, nullptr, nullptr, tables, key_start, key_end, scale, softcap, out);
+    run<Q, Q>(q, k_pool, v_pool, nullptr, nullptr, args...);
     return;
   }
   const float* ks = scales_ptr(k_scales, k_pool);
   const float* vs = scales_ptr(v_scales, v_pool);
   if (kind == at::kChar) {
-    run<Q, int8_t>(q, k_pool, v_pool, ks, vs, tables, key_start, key_end, scale, softcap, out);
+    run<Q, int8_t>(q, k_pool, v_pool, ks, vs, args...);
   } else {
     TORCH_CHECK(kind == at::kFloat8_e4m3fn, "KV pool: q's dtype, int8 or float8_e4m3fn expected");
-    run<Q, Fp8E4M3>(q, k_pool, v_pool, ks, vs, tables, key_start, key_end, scale, softcap, out);
+    run<Q, Fp8E4M3>(q, k_pool, v_pool, ks, vs, args...);
+  }
+}
+
+// Every query sees at least one key, and every block it reads is in the table and the pool.
+void check_ranges(const torch::Tensor& tables, const torch::Tensor& query_starts, const torch::Tensor& key_starts,
+                  const torch::Tensor& key_ends, int64_t tokens, int64_t block_size, int64_t num_blocks) {
+  const int64_t B = tables.size(0), max_blocks = tables.size(1);
+  const int64_t* qs = query_starts.data_ptr<int64_t>();
+  const int64_t* sp = key_starts.data_ptr<int64_t>();
+  const int64_t* ep = key_ends.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  TORCH_CHECK(qs[0] == 0 && qs[B] == tokens, "query_starts must run from 0 to the number of query rows");
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = qs[b + 1] - qs[b];
+    TORCH_CHECK(n >= 0 && sp[b] >= 0 && sp[b] <= ep[b] - n, "sequence ", b, ": a query would see no key");
+    const int64_t used = (ep[b] + block_size - 1) / block_size;
+    TORCH_CHECK(used <= max_blocks, "sequence ", b, ": block table shorter than its keys");
+    for (int64_t i = sp[b] / block_size; i < used; ++i)
+      TORCH_CHECK(tp[b * max_blocks + i] >= 0 && tp[b * max_blocks + i] < num_blocks, "block id out of range");
   }
 }
 
@@ -285,37 +405,46 @@ void quantize_write(torch::Tensor x, torch::Tensor slots, torch::Tensor codes, t
   }
 }
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                                     torch::Tensor tables, torch::Tensor key_start, torch::Tensor key_end,
-                                     double scale, double softcap, std::optional<torch::Tensor> k_scales,
-                                     std::optional<torch::Tensor> v_scales) {
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor tables,
+                              torch::Tensor query_starts, torch::Tensor key_starts, torch::Tensor key_ends,
+                              double scale, int64_t window, double softcap, std::optional<torch::Tensor> k_scales,
+                              std::optional<torch::Tensor> v_scales) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && q.size(2) == k_pool.size(3), "bad shapes");
   TORCH_CHECK(k_pool.sizes() == v_pool.sizes(), "key and value pools differ in shape");
   TORCH_CHECK(q.size(2) % 16 == 0, "head_dim must be a multiple of 16");
   TORCH_CHECK(q.size(1) % k_pool.size(2) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type(), "key and value pools differ in dtype");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "pools must be contiguous");
-  TORCH_CHECK(key_start.scalar_type() == at::kLong && key_end.scalar_type() == at::kLong, "int64 key ranges");
+  TORCH_CHECK(tables.dim() == 2 && tables.scalar_type() == at::kLong, "block tables: [B, max_blocks] int64");
+  const int64_t B = tables.size(0);
+  for (const auto* t : {&query_starts, &key_starts, &key_ends})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1, "int64 query starts and key ranges");
+  TORCH_CHECK(query_starts.size(0) == B + 1 && key_starts.size(0) == B && key_ends.size(0) == B,
+              "query_starts: [B + 1], key_starts and key_ends: [B]");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
   q = q.contiguous();
   tables = tables.contiguous();
-  key_start = key_start.contiguous();
-  key_end = key_end.contiguous();
+  query_starts = query_starts.contiguous();
+  key_starts = key_starts.contiguous();
+  key_ends = key_ends.contiguous();
+  check_ranges(tables, query_starts, key_starts, key_ends, q.size(0), k_pool.size(1), k_pool.size(0));
   auto out = torch::empty_like(q);
   if (q.scalar_type() == at::kFloat) {
-    dispatch_cache<float>(q, k_pool, v_pool, k_scales, v_scales, tables, key_start, key_end, float(scale),
-                          float(softcap), out);
+    dispatch_cache<float>(q, k_pool, v_pool, k_scales, v_scales, tables, query_starts, key_starts, key_ends, window,
+                          float(scale), float(softcap), out);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16, "float32 or bfloat16 queries expected");
-    dispatch_cache<at::BFloat16>(q, k_pool, v_pool, k_scales, v_scales, tables, key_start, key_end, float(scale),
-                                 float(softcap), out);
+    dispatch_cache<at::BFloat16>(q, k_pool, v_pool, k_scales, v_scales, tables, query_starts, key_starts, key_ends,
+                                 window, float(scale), float(softcap), out);
   }
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache",
+  m.def("paged_attention", &paged_attention, "attention of short query blocks over a paged KV cache",
         pybind11::arg("q"), pybind11::arg("k_pool"), pybind11::arg("v_pool"), pybind11::arg("tables"),
-        pybind11::arg("key_start"), pybind11::arg("key_end"), pybind11::arg("scale"), pybind11::arg("softcap"),
-        pybind11::arg("k_scales") = pybind11::none(), pybind11::arg("v_scales") = pybind11::none());
+        pybind11::arg("query_starts"), pybind11::arg("key_starts"), pybind11::arg("key_ends"), pybind11::arg("scale"),
+        pybind11::arg("window"), pybind11::arg("softcap"), pybind11::arg("k_scales") = pybind11::none(),
+        pybind11::arg("v_scales") = pybind11::none());
   m.def("quantize_write", &quantize_write, "quantize keys or values into a paged int8/fp8 pool and its scales");
 }

@@ -1,13 +1,17 @@
-"""Decode attention read straight from the paged KV cache (paged_attention.cpp).
+"""Attention read straight from the paged KV cache (paged_attention.cpp), for every sequence of a step
+with a short block of new queries: decode (one each), speculative verification (k+1), a short prefill
+chunk after a prefix hit.
 
 Gathering every sequence's blocks into a padded [B, K, Hkv, D] tensor costs a full copy of the batch's
-context per layer and step; the kernel reads blocks in place. Used for one-query-per-sequence segments;
-ForwardBatch falls back to gather + batched matmuls where the kernel does not apply.
+context per layer and step, and a separate SDPA call per multi-query sequence costs its own gather, mask
+and dispatch; the kernel reads blocks in place, all sequences in one call. ForwardBatch keeps SDPA for
+long prefills (compute-bound, where its GEMMs win) and falls back to gather + batched matmuls where the
+kernel does not apply.
 
 A quantized pool (int8 or float8_e4m3fn codes, see ember.worker.kv_cache) comes with per-(token, head)
-float32 scales; the kernel dequantizes in registers. `paged_decode_attention_torch` is the same
-computation in plain PyTorch (the fallback, and the kernel's reference in tests). The module also has
-`quantize_write`, PagedKVCache.write's fused quantize-and-store.
+float32 scales; the kernel dequantizes in registers. `paged_attention_torch` is the same computation in
+plain PyTorch (the fallback, and the kernel's reference in tests). The module also has `quantize_write`,
+PagedKVCache.write's fused quantize-and-store.
 """
 
 from __future__ import annotations
@@ -36,6 +40,35 @@ def kernel_applies(k_pool: torch.Tensor, q_dtype: torch.dtype) -> bool:
     )
 
 
+def paged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    key_ends: torch.Tensor,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+    key_starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q: [T, H, D] -> [T, H, D]. Sequence b's queries are rows [query_starts[b], query_starts[b + 1]) and
+    the last positions before key_ends[b]: query j of n sits at p = key_ends[b] - n + j and attends to
+    [max(key_starts[b], p + 1 - window), p + 1) (key_starts default 0; window None: unlimited).
+    block_tables: [B, nb]; k_scales, v_scales: [num_blocks, block_size, Hkv] when the pools hold codes."""
+    if key_starts is None:
+        key_starts = torch.zeros_like(key_ends)
+    if not kernel_applies(k_pool, q.dtype):
+        return paged_attention_torch(
+            q, k_pool, v_pool, block_tables, query_starts, key_ends, scale, window, softcap, k_scales, v_scales, key_starts
+        )
+    return paged_attention_module().paged_attention(
+        q, k_pool, v_pool, block_tables, query_starts, key_starts, key_ends, scale, window or 0, softcap or 0.0, k_scales, v_scales
+    )
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -48,12 +81,10 @@ def paged_decode_attention(
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [B, H, D] -> [B, H, D]; sequence b attends to positions [key_start[b], key_end[b]).
-    k_scales, v_scales: [num_blocks, block_size, Hkv] when the pools hold quantized codes."""
-    args = (q, k_pool, v_pool, block_tables, key_start, key_end, scale)
-    if not kernel_applies(k_pool, q.dtype):
-        return paged_decode_attention_torch(*args, softcap, k_scales, v_scales)
-    return paged_attention_module().paged_decode_attention(*args, softcap or 0.0, k_scales, v_scales)
+    """One query per sequence: q [B, H, D]; sequence b attends to positions [key_start[b], key_end[b])."""
+    query_starts = torch.arange(q.shape[0] + 1, device=q.device)
+    args = (q, k_pool, v_pool, block_tables, query_starts, key_end, scale, None, softcap, k_scales, v_scales)
+    return paged_attention(*args, key_starts=key_start)
 
 
 def paged_decode_attention_torch(
@@ -68,22 +99,58 @@ def paged_decode_attention_torch(
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """paged_decode_attention in PyTorch: dequantize the listed blocks, then masked attention in float32."""
-    batch, heads, dim = q.shape
-    kv_heads = k_pool.shape[2]
+    """paged_decode_attention in PyTorch."""
+    query_starts = torch.arange(q.shape[0] + 1, device=q.device)
+    args = (q, k_pool, v_pool, block_tables, query_starts, key_end, scale, None, softcap, k_scales, v_scales)
+    return paged_attention_torch(*args, key_starts=key_start)
 
-    def read(pool: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:  # -> [B, Hkv, K, D] float32
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    key_ends: torch.Tensor,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+    key_starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """paged_attention in PyTorch: dequantize the listed blocks, pad each sequence's queries to the longest
+    block, then masked attention in float32."""
+    tokens, heads, dim = q.shape
+    batch, kv_heads = block_tables.shape[0], k_pool.shape[2]
+    group = heads // kv_heads
+    device = q.device
+
+    def read(pool: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:  # -> [B, Hkv, 1, K, D] float32
         values = pool[block_tables].float()
         if scales is not None:
             values = values * scales[block_tables].unsqueeze(-1)
-        return values.view(batch, -1, kv_heads, dim).transpose(1, 2)
+        return values.view(batch, -1, kv_heads, dim).transpose(1, 2).unsqueeze(2)
 
     keys, values = read(k_pool, k_scales), read(v_pool, v_scales)
-    positions = torch.arange(keys.shape[2], device=q.device)
-    visible = (positions >= key_start[:, None]) & (positions < key_end[:, None])  # [B, K]
-    grouped = q.float().view(batch, kv_heads, heads // kv_heads, dim)
-    scores = grouped @ keys.transpose(-1, -2) * scale  # [B, Hkv, G, K]
+    lengths = query_starts.diff()
+    longest = int(lengths.max()) if batch else 0
+    owner = torch.repeat_interleave(torch.arange(batch, device=device), lengths)  # [T] sequence of each row
+    index = torch.arange(tokens, device=device) - query_starts[owner]  # [T] query index within the sequence
+    padded = q.new_zeros(batch, longest, heads, dim, dtype=torch.float32)
+    padded[owner, index] = q.float()
+    # [B, L] positions; padding rows get the last query's position (they are dropped below).
+    query_pos = key_ends[:, None] - lengths[:, None] + torch.arange(longest, device=device).clamp(max=lengths[:, None] - 1)
+    key_pos = torch.arange(keys.shape[3], device=device)
+    first = torch.zeros_like(key_ends) if key_starts is None else key_starts
+    low = first[:, None, None]
+    if window:
+        low = torch.maximum(low, query_pos[:, :, None] + 1 - window)
+    visible = (key_pos >= low) & (key_pos <= query_pos[:, :, None])  # [B, L, K]
+    grouped = padded.view(batch, longest, kv_heads, group, dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, L, D]
+    scores = grouped @ keys.transpose(-1, -2) * scale  # [B, Hkv, G, L, K]
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    return (scores.softmax(-1) @ values).view(batch, heads, dim).to(q.dtype)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    out = (scores.softmax(-1) @ values).permute(0, 3, 1, 2, 4)  # [B, L, Hkv, G, D]
+    return out[owner, index].reshape(tokens, heads, dim).to(q.dtype)

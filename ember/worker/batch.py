@@ -8,31 +8,46 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ember.kernels.paged_attention import kernel_applies, paged_decode_attention
+from ember.kernels.paged_attention import kernel_applies, paged_attention
 from ember.worker.kv_cache import PagedKVCache
+
+
+# Sequences with at most this many new queries share one paged-kernel call per layer (decode, k+1-token
+# verification, short chunks after a prefix hit); longer prefills are compute-bound and go to SDPA, whose
+# blocked GEMMs beat the kernel's per-row dot products (bench/bench_attention.py measures the crossover).
+MAX_PAGED_QUERIES = 32
 
 
 @dataclass
 class _Segment:
-    """Sequences attended to in one SDPA call: all decode sequences together (one query each), or a
-    single prefill chunk. Padding stays small: decode rows are never padded to a chunk's length."""
+    """Sequences attended to in one call: all short query blocks together in the paged kernel, or (without
+    the kernel) all decode sequences together, and each longer prefill chunk alone. Padding stays small:
+    short rows are never padded to a chunk's length."""
 
     seqs: list[int]
     rows: torch.Tensor | None  # token rows of these sequences in the flat batch (None: all, in order)
-    query_len: int
+    query_len: int | None  # queries per sequence; None for the paged kernel's segment (they vary)
+
+
+@dataclass
+class _PagedLayout:
+    """Inputs of the paged kernel for one segment in one layer group."""
+
+    block_tables: torch.Tensor  # [B, nb]
+    query_starts: torch.Tensor  # [B + 1] rows of each sequence's queries within the segment
+    key_ends: torch.Tensor  # [B] one past each sequence's last position
 
 
 @dataclass
 class _KeyLayout:
     """Where one segment's keys are in one layer group, shared by every layer of the group: either
-    inputs for the paged decode kernel, or a block table to gather (or slice) plus a mask."""
+    inputs for the paged kernel, or a block table to gather (or slice) plus a mask."""
 
     block_table: torch.Tensor | None = None  # [B, nb]
     consecutive_first: int | None = None  # first block id when a single sequence's blocks are consecutive
     num_keys: int = 0  # key positions read (a single sequence's keys are cut at its end)
     mask: torch.Tensor | None = None  # [B, 1, L, num_keys]
-    # For the paged decode kernel: full block tables [B, nb] and each query's key range [start, end).
-    paged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    paged: _PagedLayout | None = None
 
 
 @dataclass
@@ -98,11 +113,11 @@ class ForwardBatch:
         segment = self._segments[index]
         layout = self._layout(index, group, window)
         if layout.paged is not None:
-            tables, key_start, key_end = layout.paged
-            cache = self.kv_cache
+            paged, cache = layout.paged, self.kv_cache
             keys, values = cache.keys[layer], cache.values[layer]
             scales = cache.key_scales[layer], cache.value_scales[layer]  # None unless quantized
-            return paged_decode_attention(q, keys, values, tables, key_start, key_end, scale, softcap, *scales)
+            args = (paged.block_tables, paged.query_starts, paged.key_ends, scale, window, softcap)
+            return paged_attention(q, keys, values, *args, *scales)
         if layout.consecutive_first is not None:
             keys, values = self.kv_cache.slice(layer, layout.consecutive_first, layout.block_table.shape[1])
         else:
@@ -122,16 +137,17 @@ class ForwardBatch:
         starts = [0]
         for n in self.query_lens:
             starts.append(starts[-1] + n)
-        decode = [b for b, n in enumerate(self.query_lens) if n == 1]
-        prefill = [b for b, n in enumerate(self.query_lens) if n > 1]
+        most = MAX_PAGED_QUERIES if self._paged_kernel else 1
+        short = [b for b, n in enumerate(self.query_lens) if 0 < n <= most]
+        long = [b for b, n in enumerate(self.query_lens) if n > most]
         segments = []
-        if decode:
-            rows = torch.tensor([starts[b] for b in decode], dtype=torch.long, device=device)
-            segments.append(_Segment(decode, rows, 1))
-        for b in prefill:
+        if short:
+            rows = torch.tensor([r for b in short for r in range(starts[b], starts[b + 1])], dtype=torch.long, device=device)
+            segments.append(_Segment(short, rows, None if self._paged_kernel else 1))
+        for b in long:
             rows = torch.arange(starts[b], starts[b + 1], device=device)
             segments.append(_Segment([b], rows, self.query_lens[b]))
-        if len(segments) == 1:
+        if len(segments) == 1 and len(segments[0].rows) == len(self.input_ids):
             segments[0].rows = None
         return segments
 
@@ -148,8 +164,8 @@ class ForwardBatch:
         starts = [self.start_positions[b] for b in segment.seqs]
         ends = [all_ends[b] for b in segment.seqs]
         last_block = -(-max(ends) // block_size)
-        if segment.query_len == 1 and self._paged_kernel:
-            return _KeyLayout(paged=self._paged_layout(segment, group, window, ends, last_block))
+        if segment.query_len is None:
+            return _KeyLayout(paged=self._paged_layout(segment, group, ends, last_block))
         # Blocks older than every query's window are not read at all.
         first_block = max(0, min(starts) - window + 1) // block_size if window else 0
         rows = []
@@ -165,14 +181,14 @@ class ForwardBatch:
         block_table = torch.tensor(rows, dtype=torch.long, device=device)
         return _KeyLayout(block_table, consecutive, key_end - key_start, mask)
 
-    def _paged_layout(
-        self, segment: _Segment, group: int, window: int | None, ends: list[int], last_block: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _paged_layout(self, segment: _Segment, group: int, ends: list[int], last_block: int) -> _PagedLayout:
         device = self.input_ids.device
         tables = [self.block_tables[group][b][:last_block] for b in segment.seqs]
         padded = torch.tensor([t + [0] * (last_block - len(t)) for t in tables], dtype=torch.long, device=device)
-        starts = [max(0, end - window) if window else 0 for end in ends]
-        return padded, torch.tensor(starts, device=device), torch.tensor(ends, device=device)
+        query_starts = [0]
+        for b in segment.seqs:
+            query_starts.append(query_starts[-1] + self.query_lens[b])
+        return _PagedLayout(padded, torch.tensor(query_starts, device=device), torch.tensor(ends, device=device))
 
 
 def _mask(
