@@ -59,6 +59,11 @@ class ServerSettings:
     template_timeout: float = 5.0
     """Seconds a chat template may take to render."""
 
+    @property
+    def public_paths(self) -> frozenset[str]:
+        """The routes served without the API key."""
+        return frozenset({"/health", "/openapi.json"} | ({"/metrics"} if self.metrics_public else set()))
+
 
 def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     preprocess = ThreadPoolExecutor(_PREPROCESS_THREADS, thread_name_prefix="ember-preprocess")
@@ -76,8 +81,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
 
     install_error_handling(app)
     if settings.api_key is not None:
-        public = {"/health", "/openapi.json"} | ({"/metrics"} if settings.metrics_public else set())
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, public_paths=frozenset(public))
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, public_paths=settings.public_paths)
     app.add_middleware(RequestIdMiddleware)  # outermost: 401s carry the id too
     install_openapi(app, [CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest,
                           DetokenizeRequest])  # fmt: skip

@@ -10,10 +10,13 @@ API agree.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator
+from pydantic_core import core_schema
 
 from ember.errors import InvalidRequestError
 from ember.sampling_params import SamplingParams
@@ -36,19 +39,28 @@ def _prompt_list(prompt: Prompt, field: str) -> list[str | list[int]]:
     return list(prompt)  # type: ignore[arg-type]
 
 
-def _is_empty(value: Any) -> bool:
-    return value is None or value is False or value == [] or value == {}
+@dataclass(frozen=True)
+class _Unsupported:
+    """Field metadata: reject the field unless it has one of its `no_op` values (which ask for nothing), and
+    say so in the JSON schema, so clients and generated tests see what the server takes."""
 
+    what: str
+    no_op: tuple[Any, ...] = (None,)
 
-def _unsupported(what: str, inert: Callable[[Any], bool] = _is_empty) -> AfterValidator:
-    """Reject the field unless `inert(value)`, i.e. unless the value asks for nothing."""
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
 
-    def check(value: Any) -> Any:
-        if not inert(value):
-            raise ValueError(f"{what} is not supported by ember")
+    def __get_pydantic_json_schema__(self, schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        return {"enum": list(self.no_op), "description": f"{self.what}: not supported by ember"}
+
+    def _check(self, value: Any) -> Any:
+        if value not in self.no_op:
+            raise ValueError(f"{self.what} is not supported by ember (accepted: {', '.join(map(json.dumps, self.no_op))})")
         return value
 
-    return AfterValidator(check)
+
+_NOTHING = (None, [])  # an optional list that asks for nothing
+_NO = (False,)
 
 
 def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
@@ -69,7 +81,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
-    continuous_usage_stats: Annotated[bool, _unsupported("continuous_usage_stats")] = False
+    continuous_usage_stats: Annotated[bool, _Unsupported("continuous_usage_stats", _NO)] = False
 
 
 class _SamplingFields(_Body):
@@ -98,24 +110,23 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool = False
     add_special_tokens: bool | None = None
     # Known fields ember does not implement (structured output and tools have their own issues).
-    response_format: Annotated[dict[str, Any] | None, _unsupported(
-        "response_format other than {\"type\": \"text\"} (structured output)",
-        lambda v: v is None or v == {"type": "text"})] = None  # fmt: skip
-    prompt_logprobs: Annotated[Int64 | None, _unsupported("prompt_logprobs (use echo with logprobs)")] = None
-    use_beam_search: Annotated[bool, _unsupported("beam search")] = False
-    bad_words: Annotated[list[str] | None, _unsupported("bad_words")] = None
-    allowed_token_ids: Annotated[list[Int64] | None, _unsupported("allowed_token_ids")] = None
-    guided_json: Annotated[Any, _unsupported("guided decoding")] = None
-    guided_regex: Annotated[str | None, _unsupported("guided decoding")] = None
-    guided_choice: Annotated[list[str] | None, _unsupported("guided decoding")] = None
-    guided_grammar: Annotated[str | None, _unsupported("guided decoding")] = None
-    structured_outputs: Annotated[dict[str, Any] | None, _unsupported("structured output")] = None
-    truncate_prompt_tokens: Annotated[Int64 | None, _unsupported("truncate_prompt_tokens")] = None
-    logits_processors: Annotated[list[Any] | None, _unsupported("custom logits processors")] = None
-    priority: Annotated[Int64, _unsupported("request priority", lambda v: v == 0)] = 0
-    return_tokens_as_token_ids: Annotated[bool, _unsupported("return_tokens_as_token_ids")] = False
-    spaces_between_special_tokens: Annotated[bool, _unsupported(
-        "spaces_between_special_tokens = false (decoding follows the tokenizer's own rules)", bool)] = True  # fmt: skip
+    response_format: Annotated[dict[str, Any] | None, _Unsupported(
+        "response_format other than text (structured output)", (None, {"type": "text"}))] = None
+    prompt_logprobs: Annotated[Int64 | None, _Unsupported("prompt_logprobs (use echo with logprobs)")] = None
+    use_beam_search: Annotated[bool, _Unsupported("beam search", _NO)] = False
+    bad_words: Annotated[list[str] | None, _Unsupported("bad_words", _NOTHING)] = None
+    allowed_token_ids: Annotated[list[Int64] | None, _Unsupported("allowed_token_ids")] = None
+    guided_json: Annotated[Any, _Unsupported("guided decoding")] = None
+    guided_regex: Annotated[str | None, _Unsupported("guided decoding")] = None
+    guided_choice: Annotated[list[str] | None, _Unsupported("guided decoding")] = None
+    guided_grammar: Annotated[str | None, _Unsupported("guided decoding")] = None
+    structured_outputs: Annotated[dict[str, Any] | None, _Unsupported("structured output")] = None
+    truncate_prompt_tokens: Annotated[Int64 | None, _Unsupported("truncate_prompt_tokens")] = None
+    logits_processors: Annotated[list[Any] | None, _Unsupported("custom logits processors", _NOTHING)] = None
+    priority: Annotated[Int64, _Unsupported("request priority", (0,))] = 0
+    return_tokens_as_token_ids: Annotated[bool, _Unsupported("return_tokens_as_token_ids", _NO)] = False
+    spaces_between_special_tokens: Annotated[bool, _Unsupported(
+        "spaces_between_special_tokens false (decoding follows the tokenizer's own rules)", (True,))] = True
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _SamplingFields:
@@ -170,7 +181,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: Int64 | None = None
     echo: bool = False
     best_of: Int64 | None = None
-    suffix: Annotated[str | None, _unsupported("suffix (insertion)", lambda v: not v)] = None
+    suffix: Annotated[str | None, _Unsupported("suffix (insertion)", (None, ""))] = None
 
     @model_validator(mode="after")
     def _check_combinations(self) -> CompletionRequest:
@@ -204,8 +215,8 @@ class ChatMessage(_Body):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: Annotated[list[Any] | None, _unsupported("tool_calls (tools)")] = None
-    tool_call_id: Annotated[str | None, _unsupported("tool_call_id (tools)")] = None
+    tool_calls: Annotated[list[Any] | None, _Unsupported("tool_calls (tools)", _NOTHING)] = None
+    tool_call_id: Annotated[str | None, _Unsupported("tool_call_id (tools)")] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -221,8 +232,8 @@ class _ChatTemplateFields(_Body):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
-    continue_final_message: Annotated[bool, _unsupported("continue_final_message")] = False
-    documents: Annotated[list[Any] | None, _unsupported("documents")] = None
+    continue_final_message: Annotated[bool, _Unsupported("continue_final_message", _NO)] = False
+    documents: Annotated[list[Any] | None, _Unsupported("documents", _NOTHING)] = None
 
 
 def _conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -236,22 +247,21 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     logprobs: bool = False
     top_logprobs: Int64 | None = None
     # Known fields ember does not implement.
-    tools: Annotated[list[Any] | None, _unsupported("tools (function calling)")] = None
-    tool_choice: Annotated[Any, _unsupported("tool_choice (function calling)", lambda v: v in (None, "none", "auto"))] = None
-    functions: Annotated[list[Any] | None, _unsupported("functions (function calling)")] = None
-    function_call: Annotated[Any, _unsupported("function_call (function calling)", lambda v: v in (None, "none", "auto"))] = None
+    tools: Annotated[list[Any] | None, _Unsupported("tools (function calling)", _NOTHING)] = None
+    tool_choice: Annotated[Any, _Unsupported("tool_choice (function calling)", (None, "none", "auto"))] = None
+    functions: Annotated[list[Any] | None, _Unsupported("functions (function calling)", _NOTHING)] = None
+    function_call: Annotated[Any, _Unsupported("function_call (function calling)", (None, "none", "auto"))] = None
     parallel_tool_calls: bool | None = None  # without tools there is nothing to call in parallel
-    modalities: Annotated[list[str] | None, _unsupported("output modalities other than text",
-                                                         lambda v: v in (None, ["text"]))] = None  # fmt: skip
-    audio: Annotated[dict[str, Any] | None, _unsupported("audio output")] = None
-    prediction: Annotated[dict[str, Any] | None, _unsupported("predicted outputs")] = None
-    store: Annotated[bool | None, _unsupported("store (stored completions)")] = None
+    modalities: Annotated[list[str] | None, _Unsupported("output modalities other than text", (None, ["text"]))] = None
+    audio: Annotated[dict[str, Any] | None, _Unsupported("audio output")] = None
+    prediction: Annotated[dict[str, Any] | None, _Unsupported("predicted outputs")] = None
+    store: Annotated[bool | None, _Unsupported("store (stored completions)", (None, False))] = None
     metadata: dict[str, str] | None = None  # labels for stored completions; with store off, nothing to do
-    reasoning_effort: Annotated[str | None, _unsupported("reasoning_effort")] = None
-    web_search_options: Annotated[dict[str, Any] | None, _unsupported("web search")] = None
-    service_tier: Annotated[str | None, _unsupported("service tiers other than auto or default",
-                                                     lambda v: v in (None, "auto", "default"))] = None  # fmt: skip
-    echo: Annotated[bool, _unsupported("echo in chat completions")] = False
+    reasoning_effort: Annotated[str | None, _Unsupported("reasoning_effort")] = None
+    web_search_options: Annotated[dict[str, Any] | None, _Unsupported("web search")] = None
+    service_tier: Annotated[str | None, _Unsupported("service tiers other than auto or default",
+                                                     (None, "auto", "default"))] = None  # fmt: skip
+    echo: Annotated[bool, _Unsupported("echo in chat completions", _NO)] = False
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -301,8 +311,8 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
     add_special_tokens: bool = True
-    dimensions: Annotated[Int64 | None, _unsupported("dimensions (shortened embeddings)")] = None
-    truncate_prompt_tokens: Annotated[Int64 | None, _unsupported("truncate_prompt_tokens")] = None
+    dimensions: Annotated[Int64 | None, _Unsupported("dimensions (shortened embeddings)")] = None
+    truncate_prompt_tokens: Annotated[Int64 | None, _Unsupported("truncate_prompt_tokens")] = None
 
     def inputs(self) -> list[str | list[int]]:
         return _prompt_list(self.input, "input")

@@ -139,8 +139,8 @@ class OpenAIServing:
         vocab = self.llm.engine.model_config.vocab_size
         if not all(0 <= t < vocab for t in request.tokens):
             raise FieldError(f"tokens: token ids must be in [0, {vocab})", "tokens")
-        text = await self._off_loop(self.tokenizer.decode, request.tokens, False)
-        return {"prompt": text}
+        texts = await self._off_loop(self.tokenizer.backend.decode_batch, [request.tokens], False)  # see _encode
+        return {"prompt": texts[0]}
 
     async def embed(self, request: EmbeddingRequest) -> Json:
         self.check_model(request.model)
@@ -180,7 +180,7 @@ class OpenAIServing:
         try:
             if isinstance(prompt, list):
                 return self.llm.process_prompt(prompt)
-            token_ids = self.llm.process_prompt(self.tokenizer.encode(prompt, add_special_tokens)).token_ids
+            token_ids = self.llm.process_prompt(self._encode(prompt, add_special_tokens)).token_ids
         except InvalidRequestError as e:
             raise FieldError(f"{param}: {e}", param) from e
         return TokenizedPrompt(prompt, token_ids)
@@ -195,8 +195,13 @@ class OpenAIServing:
 
     def _tokenize(self, request: TokenizeRequest) -> list[int]:
         if request.messages is not None:
-            return self.tokenizer.encode(self._render(request), add_special_tokens=False)
-        return self.tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
+            return self._encode(self._render(request), False)
+        return self._encode(request.prompt or "", request.add_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        # The batch calls of `tokenizers` release the GIL while they work; the single-text ones hold it (a
+        # megabyte prompt would stop the event loop for seconds, thread pool or not).
+        return self.tokenizer.encode_batch([text], add_special_tokens)[0]
 
     # -- responses --------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import httpx
@@ -43,7 +44,61 @@ def _wait_idle(server: LiveServer, timeout: float = 30) -> None:
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    assert httpx.get(server.url + "/health").status_code == 200
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 200 and len(health.headers["x-request-id"]) == 32  # a new id when none is sent
+
+
+def test_system_fingerprint_and_request_id(client):
+    raw = client.completions.with_raw_response.create(
+        model="tiny", prompt="x", max_tokens=2, extra_headers={"X-Request-Id": "mine-1"})
+    assert raw.headers["x-request-id"] == "mine-1"
+    first = raw.parse().system_fingerprint
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert first.startswith("fp_") and chat.system_fingerprint == first
+
+
+def test_logit_bias_forces_a_token(client, offline):
+    tokenizer = offline.get_tokenizer()
+    free = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=1, temperature=0).choices[0].text
+    token = next(t for t in range(100, 200) if tokenizer.decode([t]) != free)  # a token greedy would not pick
+    forced = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0,
+                                       logit_bias={str(token): 100})  # fmt: skip
+    assert forced.choices[0].text == tokenizer.decode([token] * 4)
+    banned = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=1, temperature=0,
+                                       logit_bias={str(tokenizer.encode(free, add_special_tokens=False)[0]): -100})
+    assert banned.choices[0].text != free
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt(client):
+    """lm-eval's loglikelihood request: the prompt's log-probabilities, nothing generated."""
+    scored = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=1,
+                                       temperature=0)  # fmt: skip
+    one = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=1, echo=True, logprobs=1, temperature=0)
+    choice = scored.choices[0]
+    assert choice.text == PROMPTS[0] and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == one.usage.prompt_tokens
+    prompt_len = one.usage.prompt_tokens
+    assert choice.logprobs.token_logprobs == one.choices[0].logprobs.token_logprobs[:prompt_len]
+    assert choice.logprobs.token_logprobs[0] is None and all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
+    streamed = list(client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == PROMPTS[0]
+
+
+def test_no_op_values_of_unsupported_fields_are_accepted(client):
+    out = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, response_format={"type": "text"},
+        tools=[], tool_choice="none", n=1, extra_body={"best_of": 1, "suffix": ""})
+    assert out.usage.completion_tokens == 2
+
+
+def test_tokenizer_info(server, offline):
+    info = httpx.get(server.url + "/tokenizer_info", headers=server.headers).json()
+    tokenizer = offline.get_tokenizer()
+    assert info["chat_template"] == tokenizer.chat_template and info["eos_token"] == "</s>"
+    assert info["model_max_length"] == offline.engine.max_model_len
 
 
 def test_completions_equal_offline_greedy(client, offline):
@@ -124,11 +179,14 @@ def test_echo_and_token_prompt(client, offline):
 
 
 def test_tokenize_detokenize(server, offline):
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    tokens = httpx.post(server.url + "/tokenize", json={"prompt": PROMPTS[0]}, headers=headers).json()
-    assert tokens["tokens"] == offline.get_tokenizer().encode(PROMPTS[0]) and tokens["count"] == len(tokens["tokens"])
-    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}, headers=headers).json()["prompt"]
-    assert text.endswith(PROMPTS[0])
+    tokenizer = offline.get_tokenizer()
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": PROMPTS[0]}, headers=server.headers).json()
+    assert tokens["tokens"] == tokenizer.encode(PROMPTS[0]) and tokens["count"] == len(tokens["tokens"])
+    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}, headers=server.headers).json()
+    assert text["prompt"].endswith(PROMPTS[0])
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": messages}, headers=server.headers).json()
+    assert chat["tokens"] == tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
 
 
 def test_32_concurrent_streams(server, offline):
@@ -240,10 +298,15 @@ def test_bench_serve_reports_failures_without_crashing(server, model_dir, tmp_pa
 def test_non_streaming_disconnect_aborts(server):
     _wait_idle(server)
     length_finished = server.metric('ember:request_success_total{finished_reason="length"', default=0)
-    body = {"model": "tiny", "prompt": "long one", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.3)
-    time.sleep(0.2)
+    body = json.dumps({"model": "tiny", "prompt": "long one", "max_tokens": 480, "temperature": 0, "ignore_eos": True})
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head.encode() + body.encode())
+        deadline = time.monotonic() + 60
+        while server.metric("ember:num_requests_running") == 0:  # hang up once it is being generated
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     _wait_idle(server)
     assert server.metric("ember:kv_cache_blocks_used") == 0
     # it was aborted, not run to its end
