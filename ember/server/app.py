@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from ember.metrics import ServingMetrics
 from ember.server.body import read_json
 from ember.server.chat_template import ChatTemplates, TemplateLimits
 from ember.server.errors import ApiError, install_error_handling
-from ember.server.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from ember.server.middleware import ApiKeyMiddleware, ErrorBoundary, RequestIdMiddleware
 from ember.server.openapi import install_openapi, json_body
 from ember.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
@@ -37,6 +37,7 @@ from ember.server.responses import (
 from ember.server.serving import OpenAIServing, Job
 
 Model = TypeVar("Model", bound=BaseModel)
+Generation = TypeVar("Generation", CompletionRequest, ChatCompletionRequest)
 
 _STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                    "description": "the response, or with stream: server-sent events of chunks"}}  # fmt: skip
@@ -80,6 +81,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     app.state.llm, app.state.metrics = llm, metrics
 
     install_error_handling(app)
+    app.add_middleware(ErrorBoundary)  # innermost: below it, only ember's own handlers
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, public_paths=settings.public_paths)
     app.add_middleware(RequestIdMiddleware)  # outermost: 401s carry the id too
@@ -89,8 +91,13 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     async def parse(request: Request, model: type[Model]) -> Model:
         return await read_json(request, model, settings.max_body_bytes, settings.body_timeout)
 
-    async def respond(job: Job, stream: bool, request: Request) -> Any:
-        if stream:
+    async def generate(
+        request: Request, model: type[Generation], start: Callable[[Generation, float], Awaitable[Job]]
+    ) -> Any:
+        arrival = time.monotonic()
+        body = await parse(request, model)
+        job = await start(body, arrival)
+        if body.stream:
             return StreamingResponse(serving.stream_response(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
         return await _abort_on_disconnect(serving.full_response(job), request)
@@ -98,16 +105,12 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **_STREAMED},
               openapi_extra=json_body(CompletionRequest))  # fmt: skip
     async def completions(request: Request) -> Any:
-        arrival = time.monotonic()
-        body = await parse(request, CompletionRequest)
-        return await respond(await serving.start_completion(body, arrival), body.stream, request)
+        return await generate(request, CompletionRequest, serving.start_completion)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **_STREAMED},
               openapi_extra=json_body(ChatCompletionRequest))  # fmt: skip
     async def chat_completions(request: Request) -> Any:
-        arrival = time.monotonic()
-        body = await parse(request, ChatCompletionRequest)
-        return await respond(await serving.start_chat(body, arrival), body.stream, request)
+        return await generate(request, ChatCompletionRequest, serving.start_chat)
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS,
               openapi_extra=json_body(EmbeddingRequest))  # fmt: skip

@@ -2,13 +2,11 @@
 
 Routes raise; one set of handlers turns ember's error types into responses, so no route has its own
 try/except. A 4xx is something the client can fix, with `param` naming the field when one is to blame;
-500 is reserved for ember's own bugs, and even then the connection stays usable: the last-resort
-boundary answers without re-raising (uvicorn closes a connection on any exception that reaches it).
+500 is reserved for ember's own bugs, and even then the connection stays usable (middleware.ErrorBoundary).
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Collection
 from typing import Any
@@ -16,12 +14,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ember.engine.async_engine import EngineStepError, QueueFullError
 from ember.errors import EmberError, InvalidRequestError
-
-logger = logging.getLogger("ember")
 
 # Pydantic names union members in an error's location ("prompt", "list[str]", 0): these are not fields.
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal"})
@@ -100,36 +95,3 @@ def install_error_handling(app: FastAPI) -> None:
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if e.status_code < 500 else "server_error"
         return error_response(e.status_code, str(e.detail), type_, headers=e.headers)
-
-    app.add_middleware(ErrorBoundary)
-
-
-class ErrorBoundary:
-    """The last resort for exceptions no handler knows (ember's bugs): log, answer 500 in OpenAI's shape,
-    and return normally. Starlette's own handler for `Exception` re-raises after answering, and uvicorn
-    then closes the connection, so the client's next request on it would be reset."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = ended = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started, ended
-            started = started or message["type"] == "http.response.start"
-            ended = ended or (message["type"] == "http.response.body" and not message.get("more_body", False))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception as e:
-            logger.exception("ember: request to %s failed", scope.get("path"))
-            if not started:
-                response = error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
-                await response(scope, receive, send)
-            elif not ended:  # a body was under way: end it properly, so the connection can carry the next one
-                await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -15,7 +15,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator,
+)
 from pydantic_core import core_schema
 
 from ember.errors import InvalidRequestError
@@ -55,7 +57,8 @@ class _Unsupported:
 
     def _check(self, value: Any) -> Any:
         if value not in self.no_op:
-            raise ValueError(f"{self.what} is not supported by ember (accepted: {', '.join(map(json.dumps, self.no_op))})")
+            accepted = ", ".join(map(json.dumps, self.no_op))
+            raise ValueError(f"{self.what} is not supported by ember (accepted: {accepted})")
         return value
 
 

@@ -136,11 +136,7 @@ class OpenAIServing:
 
     async def detokenize(self, request: DetokenizeRequest) -> Json:
         self.check_model(request.model)
-        vocab = self.llm.engine.model_config.vocab_size
-        if not all(0 <= t < vocab for t in request.tokens):
-            raise FieldError(f"tokens: token ids must be in [0, {vocab})", "tokens")
-        texts = await self._off_loop(self.tokenizer.backend.decode_batch, [request.tokens], False)  # see _encode
-        return {"prompt": texts[0]}
+        return {"prompt": await self._off_loop(self._detokenize, request.tokens)}
 
     async def embed(self, request: EmbeddingRequest) -> Json:
         self.check_model(request.model)
@@ -172,7 +168,9 @@ class OpenAIServing:
 
     # -- preprocessing (in the thread pool) -------------------------------------------------------
 
-    def _prompts(self, prompts: Sequence[str | list[int]], add_special_tokens: bool, param: str) -> list[TokenizedPrompt]:
+    def _prompts(
+        self, prompts: Sequence[str | list[int]], add_special_tokens: bool, param: str
+    ) -> list[TokenizedPrompt]:
         return [self._prompt(p, add_special_tokens, param) for p in prompts]
 
     def _prompt(self, prompt: str | list[int], add_special_tokens: bool, param: str) -> TokenizedPrompt:
@@ -182,7 +180,7 @@ class OpenAIServing:
                 return self.llm.process_prompt(prompt)
             token_ids = self.llm.process_prompt(self._encode(prompt, add_special_tokens)).token_ids
         except InvalidRequestError as e:
-            raise FieldError(f"{param}: {e}", param) from e
+            raise FieldError(str(e) if str(e).startswith(param) else f"{param}: {e}", param) from e
         return TokenizedPrompt(prompt, token_ids)
 
     def _render(self, request: ChatCompletionRequest | TokenizeRequest) -> str:
@@ -197,6 +195,12 @@ class OpenAIServing:
         if request.messages is not None:
             return self._encode(self._render(request), False)
         return self._encode(request.prompt or "", request.add_special_tokens)
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        vocab = self.llm.engine.model_config.vocab_size
+        if not all(0 <= t < vocab for t in tokens):
+            raise FieldError(f"tokens: token ids must be in [0, {vocab})", "tokens")
+        return self.tokenizer.backend.decode_batch([tokens], skip_special_tokens=False)[0]  # see _encode
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         # The batch calls of `tokenizers` release the GIL while they work; the single-text ones hold it (a

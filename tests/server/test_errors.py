@@ -14,12 +14,14 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from ember.server.errors import FieldError, field_path, install_error_handling
+from ember.server.middleware import ErrorBoundary
 from live_server import free_port
 
 
 def _app() -> FastAPI:
     app = FastAPI()
     install_error_handling(app)
+    app.add_middleware(ErrorBoundary)
 
     @app.get("/bug")
     async def bug() -> None:

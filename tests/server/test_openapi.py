@@ -46,7 +46,8 @@ def test_every_route_is_described(document: dict) -> None:
             assert body.rsplit("/", 1)[1] in document["components"]["schemas"]
         if path not in ("/health", "/metrics"):
             assert "$ref" in operation["responses"]["200"]["content"]["application/json"]["schema"]
-            assert operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+            error = operation["responses"]["400"]["content"]["application/json"]["schema"]
+            assert error["$ref"].endswith("ErrorResponse")
 
 
 @pytest.fixture(scope="module")

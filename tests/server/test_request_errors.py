@@ -48,7 +48,8 @@ CASES = [
     Case("huge min_tokens", completion(min_tokens=HUGE), param="min_tokens"),
     Case("huge stop token id", completion(stop_token_ids=[HUGE]), param="stop_token_ids[0]"),
     Case("huge prompt token id", completion(prompt=[1, HUGE]), param="prompt*"),
-    Case("huge top_logprobs", chat(logprobs=True, top_logprobs=HUGE), path="/v1/chat/completions", param="top_logprobs"),
+    Case("huge top_logprobs", chat(logprobs=True, top_logprobs=HUGE), path="/v1/chat/completions",
+         param="top_logprobs"),
     Case("huge max_completion_tokens", chat(max_completion_tokens=HUGE), path="/v1/chat/completions",
          param="max_completion_tokens"),
     Case("infinite temperature", b'{"prompt": "x", "temperature": 1e999}', param="temperature"),
@@ -82,7 +83,7 @@ CASES = [
     Case("empty messages", chat(messages=[]), path="/v1/chat/completions", param="messages"),
     Case("message content wrong type", chat(messages=[{"role": "user", "content": 3}]), path="/v1/chat/completions",
          param="messages[0].content"),
-    Case("image content", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+    Case("image content", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
          path="/v1/chat/completions", param="messages[0].content[0].type"),
     Case("oversized body", b'{"prompt": "' + b"a" * (5 << 20) + b'"}', status=413),
     # chat templates: errors and limits
@@ -144,7 +145,7 @@ def _local_address(response: httpx.Response) -> Any:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_error_then_same_connection_works(connection: httpx.Client, case: Case) -> None:
-    content = case.body if isinstance(case.body, bytes) else None if case.body is None else json.dumps(case.body).encode()
+    content = case.body if isinstance(case.body, (bytes, type(None))) else json.dumps(case.body).encode()
     headers = {"Content-Type": "application/json", "X-Request-Id": f"case-{case.name}", **case.headers}
     response = connection.request(case.method, case.path, content=content, headers=headers)
     assert response.status_code == case.status, response.text
