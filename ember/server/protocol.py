@@ -111,7 +111,7 @@ class _SamplingFields(_Body):
     stop_token_ids: list[Int64] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    add_special_tokens: bool | None = None
+    add_special_tokens: bool | None = None  # None: true for completions, false for chat (templates write BOS)
     # Known fields ember does not implement (structured output and tools have their own issues).
     response_format: Annotated[dict[str, Any] | None, _Unsupported(
         "response_format other than text (structured output)", (None, {"type": "text"}))] = None
