@@ -93,7 +93,9 @@ class Tokenizer:
         """Token ids of `text`; `add_special_tokens` adds BOS (or EOS) where the model wants it."""
         if not isinstance(text, str):
             raise InvalidRequestError(f"text to encode must be a string, not {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it: seconds on a megabyte of text,
+        # during which no other Python thread, the engine's step loop included, can run).
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` for many texts at once (parallel in the Rust backend)."""

@@ -224,13 +224,18 @@ class AsyncLLM:
         added: concurrent.futures.Future[None],
     ) -> None:
         try:
-            self.engine.add_request(request_id, prompt, params, arrival_time=arrival_time)
-        except Exception as e:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            added.set_exception(e)
-        else:
-            added.set_result(None)
+            if not added.set_running_or_notify_cancel():  # the caller gave up while this was queued
+                with self._lock:
+                    self._streams.pop(request_id, None)
+                return
+            try:
+                self.engine.add_request(request_id, prompt, params, arrival_time=arrival_time)
+            except Exception as e:
+                with self._lock:
+                    self._streams.pop(request_id, None)
+                added.set_exception(e)
+            else:
+                added.set_result(None)
         finally:
             with self._lock:
                 self._adds_in_flight -= 1
