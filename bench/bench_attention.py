@@ -4,8 +4,9 @@ Times `ForwardBatch.attention` (cache write included) for B sequences with q_len
 C-token cache, through the paged kernel in one call ("batched") against today's per-sequence path in the
 same run ("per-seq": decode rows in the kernel, every multi-query sequence its own gather/slice + mask +
 SDPA, i.e. MAX_PAGED_QUERIES = 1). Decode (q_len 1) is also timed against the decode-only kernel of an
-earlier commit (built from `git show REV:ember/kernels/paged_attention.cpp`), which must not be faster,
-and whose outputs must be bitwise equal.
+earlier commit (built from `git show REV:ember/kernels/paged_attention.cpp`), which must not be faster;
+"max diff" is the largest difference between their outputs (the new kernel's vector exp differs from
+std::exp by < 1 ulp).
 
     .venv/bin/python bench/bench_attention.py                       # the BENCHMARKS.md table
     .venv/bin/python bench/bench_attention.py --sweep               # q_len crossover vs SDPA
@@ -27,6 +28,7 @@ from types import ModuleType
 import ember  # noqa: F401  (OpenMP wait policy before torch loads)
 import torch
 
+from ember.kernels.paged_attention import paged_attention_module
 from ember.worker import batch as batch_module
 from ember.worker.batch import ForwardBatch
 from ember.worker.kv_cache import KVGroupSpec, PagedKVCache
@@ -158,8 +160,11 @@ def main() -> None:
     parser.add_argument("--baseline-rev", default=BASELINE_REV)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.2, help="seconds per timed round and variant")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats, args.budget = 2, 0.05
     dtype = getattr(torch, args.dtype)
@@ -170,7 +175,7 @@ def main() -> None:
     if args.sweep:
         sweep(models, contexts, args, dtype)
         return
-    old = old_kernel(args.baseline_rev)
+    old, new = old_kernel(args.baseline_rev), paged_attention_module()
     print("| model (H/Hkv/D) | context | B x q_len | per-seq ms | batched ms | speedup |")
     print("|---|---:|---:|---:|---:|---:|")
     for model in models:
@@ -180,18 +185,19 @@ def main() -> None:
             print(f"| {model} ({'/'.join(map(str, HEADS[model]))}) | {context} | {args.batch} x {args.q_len} | "
                   f"{times['old']:.3f} | {times['new']:.3f} | {times['old'] / times['new']:.2f}x |", flush=True)
     print()
-    print("| model | context | B (q_len 1) | old decode kernel ms | new kernel ms | new/old | bitwise equal |")
+    print("| model | context | B (q_len 1) | old decode kernel ms | new kernel ms | new/old | max diff |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for model in models:
         for context in contexts:
             for batch in (1, args.batch):
                 step = Step(HEADS[model], batch, 1, context, dtype, args.kv_cache_dtype, args.shuffled)
                 decode = step.decode_args()
-                fns = {"old": lambda: old.paged_decode_attention(*decode), "new": step.layer(batch_module.MAX_PAGED_QUERIES)}
+                general = (*decode[:4], torch.arange(batch + 1), *decode[4:7], 0, *decode[7:])
+                fns = {"old": lambda: old.paged_decode_attention(*decode), "new": lambda: new.paged_attention(*general)}
                 times = race(fns, args.repeats, args.budget)
-                equal = torch.equal(old.paged_decode_attention(*decode), fns["new"]())
+                diff = (old.paged_decode_attention(*decode).float() - fns["new"]().float()).abs().max()
                 print(f"| {model} | {context} | {batch} | {times['old']:.3f} | {times['new']:.3f} | "
-                      f"{times['new'] / times['old']:.2f} | {'yes' if equal else 'NO'} |", flush=True)
+                      f"{times['new'] / times['old']:.2f} | {diff:.1e} |", flush=True)
 
 
 def sweep(models: list[str], contexts: list[int], args: argparse.Namespace, dtype: torch.dtype) -> None:

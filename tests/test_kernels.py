@@ -72,23 +72,3 @@ def test_paged_decode_attention_matches_reference(dtype, heads, kv_heads, window
         expected = (scores.softmax(-1) @ v).reshape(heads, dim)
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
         assert torch.allclose(got[b].float(), expected, atol=tolerance, rtol=tolerance)
-
-
-def test_stale_build_lock_is_removed_and_live_one_waited_for(tmp_path):
-    import os
-    import threading
-    import time
-
-    from ember.kernels.build import _STALE_LOCK_S, _clear_stale_lock
-
-    lock = tmp_path / "lock"
-    lock.write_text("")
-    old = time.time() - _STALE_LOCK_S - 10
-    os.utime(lock, (old, old))
-    _clear_stale_lock(str(lock))  # a killed build's lock: removed, no hang
-    assert not lock.exists()
-    lock.write_text("")
-    threading.Timer(0.6, lock.unlink).start()  # a live build that finishes
-    started = time.monotonic()
-    _clear_stale_lock(str(lock))
-    assert 0.5 < time.monotonic() - started < 5

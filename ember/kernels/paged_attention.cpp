@@ -15,11 +15,12 @@
 // registers and the scale is folded in once per vector: into the score (q . k = scale * (q . codes)) and
 // into the softmax weight of the value.
 //
-// Batch invariance: a query row's result is one fixed sequence of fp32 operations over its own keys (dot
-// products in chunk order, softmax over its own range in key order, the weighted sum in key order), whatever
-// else is in the batch, how rows are tiled, and which thread runs them. Keys outside a row's range but inside
-// its tile's get weight exactly 0, which leaves the sums unchanged. So a decode row (n_b = 1) gives the same
-// bits as it would alone, or next to sequences with longer query blocks.
+// Batch invariance: a query row's result is one fixed sequence of fp32 operations over its own keys (each dot
+// product one FMA chain over the chunks then a fixed reduction tree, the softmax's max, exps and sum over its
+// own range in key order, the weighted sum in key order), whatever else is in the batch, how rows are tiled
+// and which thread runs them. Keys outside a row's range but inside its tile's get weight exactly 0, which
+// leaves the sums' values unchanged. So a decode row (n_b = 1) gives the same result alone, in any batch, or
+// next to sequences with longer query blocks.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -28,6 +29,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -84,13 +86,25 @@ struct KVView {
   }
 };
 
-// Rows (query j, head g of the kv head's group) are numbered r = j * group + g; a tile of rows shares the
-// key and value loads. Sizes are picked for 32 vector registers: kScoreTile * kKeys dot accumulators, and
-// kSumTile * kWidth value accumulators.
-constexpr int kScoreTile = 8;
-constexpr int kKeys = 2;
-constexpr int kSumTile = 8;
-constexpr int kWidth = 2;  // 16-float chunks of a value row accumulated together
+// Rows (query j, head g of the kv head's group) are numbered r = j * group + g. Scores are kept transposed,
+// [key][row], so the softmax runs 16 rows per vector, each lane a row's own sequential max and sum over its
+// own keys. A tile of rows shares every key and value load.
+constexpr int kRowTile = 8;  // rows of a score or value-sum tile
+constexpr int kWidth = 2;    // 16-float chunks of a value row accumulated together (kRowTile * kWidth registers)
+// Keys go through all row tiles a block at a time, so each key and value is read from memory once and the
+// other tiles find it in L1 (64 bf16 vectors of 256 are 32 KB).
+constexpr int64_t kKeyBlock = 64;
+
+// Calls f(t0, t, i0, i1) for each tile of t rows from t0 and its keys [i0, i1) within [b0, b1): from the tile's
+// first row's first key to its last row's last (rows' ranges only move forward).
+template <typename F>
+inline void for_each_tile(const int32_t* lo, const int32_t* hi, int64_t nr, int64_t b0, int64_t b1, F&& f) {
+  for (int64_t t0 = 0; t0 < nr; t0 += kRowTile) {
+    const int64_t t = std::min<int64_t>(kRowTile, nr - t0);
+    const int64_t i0 = std::max<int64_t>(b0, lo[t0]), i1 = std::min<int64_t>(b1, hi[t0 + t - 1]);
+    if (i0 < i1) f(t0, t, i0, i1);
+  }
+}
 
 // Calls f(std::integral_constant<int, t>) for a tile of t = 1..8 rows (unrolled per size).
 template <typename F>
@@ -107,38 +121,76 @@ inline void with_tile(int64_t t, F&& f) {
   }
 }
 
-// dots[j * K + k] = q_j . key_k for T fp32 query rows q ([T][D]) and K keys; each key chunk is widened once for
-// all T rows. Every dot is the same chain of FMAs over chunks in order, whatever T and K are.
+// Lane l of the result is the sum of v[l]'s 16 elements: the pairs (i, i+8), (i, i+4), (i, i+2), (i, i+1) of
+// _mm512_reduce_add_ps, for 16 vectors at once (45 instructions instead of 16 * 8).
+inline __m512 reduce16(const __m512 (&v)[16]) {
+  __m512 s[8], t[4], u[2];
+  // The shuffles below leave vector x in lane (x % 4) * 4 + x / 4; feeding them in that order undoes it.
+  auto in = [&](int x) { return v[(x % 4) * 4 + x / 4]; };
+  for (int m = 0; m < 8; ++m) {
+    const __m512 a = in(2 * m), b = in(2 * m + 1);
+    s[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int m = 0; m < 4; ++m)
+    t[m] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * m], s[2 * m + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * m], s[2 * m + 1], 0xDD));
+  for (int m = 0; m < 2; ++m)
+    u[m] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * m], t[2 * m + 1], 0x44), _mm512_shuffle_ps(t[2 * m], t[2 * m + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+}
+
+// exp(x) for x <= 0 (a score minus its row's max): 2^k * e^r with k = round(x / ln 2), |r| <= ln 2 / 2, e^r
+// by its degree-7 Taylor polynomial (truncation below 1e-8 relative, so the error is fp32 rounding, ~1 ulp),
+// and scalef for 2^k (exact, underflowing to 0 below the smallest denormal). A vector instead of
+// std::exp per score: at a few queries per sequence the exps cost as much as the dot products.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);  // e^-104 is below the smallest denormal; NaN stays NaN
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: k * hi is exact
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, k);
+}
+
+// scores[k * stride + j] = (q_j . key_k) * key_scales[k] for T fp32 query rows q ([T][D]) and K keys; each
+// key chunk is widened once for all T rows. Every dot is one chain of FMAs over the chunks in order, then
+// reduce16, whatever T and K are.
 template <int T, int K, typename C>
-inline void dot_tile(const float* q, const C* const* keys, int64_t D, float* dots) {
-  __m512 sum[T][K];
-  for (int j = 0; j < T; ++j)
-    for (int k = 0; k < K; ++k) sum[j][k] = _mm512_setzero_ps();
+inline void score_tile(const float* q, const C* const* keys, const float* key_scales, int64_t D, float* scores,
+                       int64_t stride) {
+  static_assert(T * K <= 16, "one vector of dots");
+  __m512 sum[16];
+  for (int x = 0; x < 16; ++x) sum[x] = _mm512_setzero_ps();
   for (int64_t c = 0; c < D; c += 16) {
     __m512 kk[K];
     for (int k = 0; k < K; ++k) kk[k] = load16(keys[k] + c);
     for (int j = 0; j < T; ++j) {
       const __m512 qq = _mm512_loadu_ps(q + j * D + c);
-      for (int k = 0; k < K; ++k) sum[j][k] = _mm512_fmadd_ps(qq, kk[k], sum[j][k]);
+      for (int k = 0; k < K; ++k) sum[k * T + j] = _mm512_fmadd_ps(qq, kk[k], sum[k * T + j]);
     }
   }
-  for (int j = 0; j < T; ++j)
-    for (int k = 0; k < K; ++k) dots[j * K + k] = _mm512_reduce_add_ps(sum[j][k]);
+  alignas(64) float dots[16];
+  _mm512_store_ps(dots, reduce16(sum));
+  for (int k = 0; k < K; ++k)
+    for (int j = 0; j < T; ++j) scores[k * stride + j] = dots[k * T + j] * key_scales[k];
 }
 
-// out[j][c0, c0 + 16 W) = sum_i weights[j * stride + i] * v_i[c0, c0 + 16 W) for T rows, i in [0, n).
+// out[j][c0, c0 + 16 W) += sum_i weights[i * stride + j] * v_i[c0, c0 + 16 W) for T rows, i in [0, n) in order.
+// (Continuing a sum through fp32 memory is exact: the same chain of FMAs as in registers.)
 template <int T, int W, typename C>
 inline void weighted_sum_tile(const float* weights, int64_t stride, int64_t n, const C* v_pool, const int64_t* rows,
                               int64_t D, int64_t c0, float* out) {
   __m512 acc[T][W];
   for (int j = 0; j < T; ++j)
-    for (int w = 0; w < W; ++w) acc[j][w] = _mm512_setzero_ps();
+    for (int w = 0; w < W; ++w) acc[j][w] = _mm512_loadu_ps(out + j * D + c0 + 16 * w);
   for (int64_t i = 0; i < n; ++i) {
     const C* v = v_pool + rows[i] * D + c0;
     __m512 vv[W];
     for (int w = 0; w < W; ++w) vv[w] = load16(v + 16 * w);
     for (int j = 0; j < T; ++j) {
-      const __m512 weight = _mm512_set1_ps(weights[j * stride + i]);
+      const __m512 weight = _mm512_set1_ps(weights[i * stride + j]);
       for (int w = 0; w < W; ++w) acc[j][w] = _mm512_fmadd_ps(weight, vv[w], acc[j][w]);
     }
   }
@@ -164,8 +216,92 @@ struct Queries {
 
 struct Scratch {  // per-thread buffers, reused across items
   std::vector<int64_t> rows;
-  std::vector<float> q, scores, out;
+  std::vector<float> q, key_scales, scores, out;
+  std::vector<int32_t> lo, hi;
 };
+
+// Scores of rows [0, nr) (s.q) against keys [0, n) (s.rows), stored transposed in s.scores ([n][stride]).
+template <typename C>
+void compute_scores(const KVView<C>& kv, int64_t nr, int64_t n, int64_t stride, int64_t D, float scale,
+                    float softcap, Scratch& s) {
+  s.key_scales.resize(n);
+  for (int64_t i = 0; i < n; ++i) s.key_scales[i] = kv.k_scales ? kv.k_scales[s.rows[i]] * scale : scale;
+  auto tile_scores = [&](int64_t t0, int64_t t, int64_t i0, int64_t i1) {
+    with_tile(t, [&](auto tile) {
+      constexpr int T = decltype(tile)::value;
+      auto keys = [&](auto count, int64_t i) {
+        constexpr int K = decltype(count)::value;
+        const C* k_rows[K];
+        for (int k = 0; k < K; ++k) k_rows[k] = kv.k_pool + s.rows[i + k] * D;
+        score_tile<T, K>(s.q.data() + t0 * D, k_rows, s.key_scales.data() + i, D, s.scores.data() + i * stride + t0,
+                         stride);
+      };
+      constexpr int kKeys = T <= 4 ? 4 : 2;
+      int64_t i = i0;
+      for (; i + kKeys <= i1; i += kKeys) keys(std::integral_constant<int, kKeys>{}, i);
+      for (; i < i1; ++i) keys(std::integral_constant<int, 1>{}, i);
+    });
+  };
+  for (int64_t b0 = 0; b0 < n; b0 += kKeyBlock)
+    for_each_tile(s.lo.data(), s.hi.data(), nr, b0, std::min(n, b0 + kKeyBlock), tile_scores);
+  if (softcap > 0.f)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < nr; ++r) {
+        float& x = s.scores[i * stride + r];
+        x = std::tanh(x / softcap) * softcap;
+      }
+}
+
+// s.out ([nr][D]) = the rows' softmax weights (s.scores) times the values.
+template <typename C>
+void weighted_sums(const KVView<C>& kv, int64_t nr, int64_t n, int64_t stride, int64_t D, Scratch& s) {
+  s.out.assign(nr * D, 0.f);
+  auto tile_sums = [&](int64_t t0, int64_t t, int64_t i0, int64_t i1) {
+    with_tile(t, [&](auto tile) {
+      constexpr int T = decltype(tile)::value;
+      const float* weights = s.scores.data() + i0 * stride + t0;
+      const int64_t* rows = s.rows.data() + i0;
+      float* acc = s.out.data() + t0 * D;
+      int64_t c0 = 0;
+      for (; c0 + 16 * kWidth <= D; c0 += 16 * kWidth)
+        weighted_sum_tile<T, kWidth>(weights, stride, i1 - i0, kv.v_pool, rows, D, c0, acc);
+      for (; c0 < D; c0 += 16) weighted_sum_tile<T, 1>(weights, stride, i1 - i0, kv.v_pool, rows, D, c0, acc);
+    });
+  };
+  for (int64_t b0 = 0; b0 < n; b0 += kKeyBlock)
+    for_each_tile(s.lo.data(), s.hi.data(), nr, b0, std::min(n, b0 + kKeyBlock), tile_sums);
+}
+
+// Scores to softmax weights, 16 rows per vector: each lane takes its row's max, exps and sum over the row's own
+// keys in key order; other keys get weight 0. A value's scale is folded into its weight.
+void softmax(const float* v_scales, int64_t nr, int64_t n, int64_t stride, Scratch& s) {
+  for (int64_t r0 = 0; r0 < nr; r0 += 16) {
+    const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, nr - r0)) - 1);
+    const __m512i lo = _mm512_loadu_si512(s.lo.data() + r0), hi = _mm512_loadu_si512(s.hi.data() + r0);
+    const int64_t i0 = s.lo[r0], i1 = s.hi[std::min(nr, r0 + 16) - 1];
+    auto visible = [&](int64_t i) {
+      const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(i));
+      return static_cast<__mmask16>(live & _mm512_cmple_epi32_mask(lo, key) & _mm512_cmplt_epi32_mask(key, hi));
+    };
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = i0; i < i1; ++i)
+      mx = _mm512_mask_max_ps(mx, visible(i), mx, _mm512_loadu_ps(s.scores.data() + i * stride + r0));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = i0; i < i1; ++i) {
+      float* x = s.scores.data() + i * stride + r0;
+      const __mmask16 m = visible(i);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(x), mx)));
+      sum = _mm512_mask_add_ps(sum, m, sum, e);
+      _mm512_storeu_ps(x, e);
+    }
+    const __m512 inv = _mm512_maskz_div_ps(live, _mm512_set1_ps(1.f), sum);
+    for (int64_t i = i0; i < i1; ++i) {
+      float* x = s.scores.data() + i * stride + r0;
+      const __m512 factor = v_scales ? _mm512_mul_ps(inv, _mm512_set1_ps(v_scales[s.rows[i]])) : inv;
+      _mm512_storeu_ps(x, _mm512_mul_ps(_mm512_loadu_ps(x), factor));
+    }
+  }
+}
 
 // Rows [r0, r1) of one (sequence, kv head) pair. q_seq, out_seq point at the sequence's query 0, head 0;
 // the rows' keys span [lo(r0), hi(r1 - 1)), indexed from lo(r0) in s.rows and s.scores.
@@ -173,74 +309,24 @@ template <typename Q, typename C>
 void attend_rows(const Q* q_seq, Q* out_seq, int64_t H, const KVView<C>& kv, const Queries& qs, int64_t r0,
                  int64_t r1, int64_t D, float scale, float softcap, Scratch& s) {
   const int64_t nr = r1 - r0, first = qs.lo(r0), n = qs.hi(r1 - 1) - first;
+  const int64_t stride = (nr + 15) / 16 * 16;  // rows padded to whole vectors
   const int64_t head0 = kv.kv_head * qs.group;
   auto q_offset = [&](int64_t r) { return ((r / qs.group) * H + head0 + r % qs.group) * D; };
   s.rows.resize(n);
   for (int64_t i = 0; i < n; ++i) s.rows[i] = kv.row(first + i);
+  s.lo.assign(stride, 0);
+  s.hi.assign(stride, 0);  // padding rows see no key
+  for (int64_t r = 0; r < nr; ++r) {
+    s.lo[r] = static_cast<int32_t>(qs.lo(r0 + r) - first);
+    s.hi[r] = static_cast<int32_t>(qs.hi(r0 + r) - first);
+  }
+  s.scores.resize(n * stride);
   s.q.resize(nr * D);
   for (int64_t r = 0; r < nr; ++r)
     for (int64_t e = 0; e < D; e += 16) store16(s.q.data() + r * D + e, load16(q_seq + q_offset(r0 + r) + e));
-  s.scores.resize(nr * n);
-  s.out.resize(nr * D);
-  // A tile's keys: from its first row's first key to its last row's last.
-  auto tile_keys = [&](int64_t t0, int64_t t) {
-    return std::pair<int64_t, int64_t>{qs.lo(r0 + t0) - first, qs.hi(r0 + t0 + t - 1) - first};
-  };
-  for (int64_t t0 = 0; t0 < nr; t0 += kScoreTile) {
-    const int64_t t = std::min<int64_t>(kScoreTile, nr - t0);
-    const auto [i0, i1] = tile_keys(t0, t);
-    with_tile(t, [&](auto tile) {
-      constexpr int T = decltype(tile)::value;
-      auto score = [&](auto keys) {
-        constexpr int K = decltype(keys)::value;
-        return [&](int64_t i) {
-          const C* k_rows[K];
-          for (int k = 0; k < K; ++k) k_rows[k] = kv.k_pool + s.rows[i + k] * D;
-          float dots[T * K];
-          dot_tile<T, K>(s.q.data() + t0 * D, k_rows, D, dots);
-          for (int k = 0; k < K; ++k) {
-            const float key_scale = kv.k_scales ? kv.k_scales[s.rows[i + k]] * scale : scale;
-            for (int j = 0; j < T; ++j) {
-              float value = dots[j * K + k] * key_scale;
-              if (softcap > 0.f) value = std::tanh(value / softcap) * softcap;
-              s.scores[(t0 + j) * n + i + k] = value;
-            }
-          }
-        };
-      };
-      int64_t i = i0;
-      const auto pair = score(std::integral_constant<int, kKeys>{});
-      for (; i + kKeys <= i1; i += kKeys) pair(i);
-      const auto single = score(std::integral_constant<int, 1>{});
-      for (; i < i1; ++i) single(i);
-    });
-  }
-  for (int64_t r = 0; r < nr; ++r) {  // softmax over the row's own keys; a value's scale folds into its weight
-    float* row = s.scores.data() + r * n;
-    const int64_t lo = qs.lo(r0 + r) - first, hi = qs.hi(r0 + r) - first;
-    float mx = -INFINITY;
-    for (int64_t i = lo; i < hi; ++i) mx = std::max(mx, row[i]);
-    float sum = 0.f;
-    for (int64_t i = lo; i < hi; ++i) sum += (row[i] = std::exp(row[i] - mx));
-    const float inv = 1.f / sum;
-    for (int64_t i = lo; i < hi; ++i) row[i] *= kv.v_scales ? inv * kv.v_scales[s.rows[i]] : inv;
-    std::fill(row, row + lo, 0.f);
-    std::fill(row + hi, row + n, 0.f);
-  }
-  for (int64_t t0 = 0; t0 < nr; t0 += kSumTile) {
-    const int64_t t = std::min<int64_t>(kSumTile, nr - t0);
-    const auto [i0, i1] = tile_keys(t0, t);
-    with_tile(t, [&](auto tile) {
-      constexpr int T = decltype(tile)::value;
-      const float* weights = s.scores.data() + t0 * n + i0;
-      const int64_t* rows = s.rows.data() + i0;
-      float* acc = s.out.data() + t0 * D;
-      int64_t c0 = 0;
-      for (; c0 + 16 * kWidth <= D; c0 += 16 * kWidth)
-        weighted_sum_tile<T, kWidth>(weights, n, i1 - i0, kv.v_pool, rows, D, c0, acc);
-      for (; c0 < D; c0 += 16) weighted_sum_tile<T, 1>(weights, n, i1 - i0, kv.v_pool, rows, D, c0, acc);
-    });
-  }
+  compute_scores(kv, nr, n, stride, D, scale, softcap, s);
+  softmax(kv.v_scales, nr, n, stride, s);
+  weighted_sums(kv, nr, n, stride, D, s);
   for (int64_t r = 0; r < nr; ++r)
     for (int64_t e = 0; e < D; e += 16) store16(out_seq + q_offset(r0 + r) + e, load16(s.out.data() + r * D + e));
 }
