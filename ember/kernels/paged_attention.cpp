@@ -448,14 +448,20 @@ void attend_rows(const Q* q_seq, Q* out_seq, int64_t H, const KVView<C>& kv, con
     for (int64_t e = 0; e < D; e += 16) store16(out_seq + q_offset(r0 + r) + e, load16(s.out.data() + r * D + e));
 }
 
+// Splitting a pair costs a parallel region (microseconds on an idle machine, far more on a shared one) and a
+// second read of its keys; below this many (row, key) scores it does not pay.
+constexpr int64_t kSplitCost = 8192;
+
 // The step's work: each (sequence, kv head) pair's rows, split into pieces when there are fewer pairs than
-// threads (one decoding sequence), longest first so the threads finish together.
+// threads (one sequence verifying drafts) and the pair is big enough; longest first so the threads finish
+// together.
 std::vector<Item> plan(const int64_t* query_starts, int64_t B, int64_t kv_heads, int64_t group,
                        const int64_t* key_ends, int64_t threads) {
-  const int64_t pieces = std::max<int64_t>(1, (threads + B * kv_heads - 1) / (B * kv_heads));
+  const int64_t most = std::max<int64_t>(1, (threads + B * kv_heads - 1) / (B * kv_heads));
   std::vector<Item> items;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t rows = (query_starts[b + 1] - query_starts[b]) * group;
+    const int64_t pieces = rows * key_ends[b] >= kSplitCost ? most : 1;
     const int64_t step = std::max<int64_t>(1, (rows + pieces - 1) / pieces);
     for (int64_t h = 0; h < kv_heads; ++h)
       for (int64_t r0 = 0; r0 < rows; r0 += step) {
