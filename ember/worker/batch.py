@@ -13,9 +13,9 @@ from ember.worker.kv_cache import PagedKVCache
 
 
 # Sequences with at most this many new queries share one paged-kernel call per layer (decode, k+1-token
-# verification, short chunks after a prefix hit); longer prefills are compute-bound and go to SDPA, whose
-# blocked GEMMs beat the kernel's per-row dot products (bench/bench_attention.py measures the crossover).
-MAX_PAGED_QUERIES = 32
+# verification, short chunks after a prefix hit). Longer prefills are compute-bound and go to SDPA per
+# sequence: its blocked GEMMs overtake the kernel between 17 and 32 queries (BENCHMARKS.md, q_len sweep).
+MAX_PAGED_QUERIES = 16
 
 
 @dataclass
