@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"])
     parser.add_argument("--shuffled", action="store_true", help="random block ids (default: consecutive per sequence, "
                         "where today's path slices instead of gathering)")
-    parser.add_argument("--sweep", action="store_true", help="q_len 1..64 for one sequence and for --batch")
+    parser.add_argument("--sweep", action="store_true", help="q_len 2..64, one sequence and --batch of them: kernel vs SDPA per sequence")
     parser.add_argument("--baseline-rev", default=BASELINE_REV)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.2, help="seconds per timed round and variant")
