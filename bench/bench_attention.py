@@ -86,7 +86,8 @@ class Step:
         self.k = torch.randn(tokens, self.kv_heads, self.dim, generator=g).to(dtype)
         self.v = torch.randn(tokens, self.kv_heads, self.dim, generator=g).to(dtype)
         self.forward_batch()  # zeroes the blocks on first use; then fill them
-        for pool, scales in ((self.cache.keys[0], self.cache.key_scales[0]), (self.cache.values[0], self.cache.value_scales[0])):
+        cache = self.cache
+        for pool, scales in ((cache.keys[0], cache.key_scales[0]), (cache.values[0], cache.value_scales[0])):
             values = torch.randn(pool.shape, generator=g)
             if scales is None:
                 pool.copy_(values)
@@ -156,7 +157,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"])
     parser.add_argument("--shuffled", action="store_true", help="random block ids (default: consecutive per sequence, "
                         "where today's path slices instead of gathering)")
-    parser.add_argument("--sweep", action="store_true", help="q_len 2..64, one sequence and --batch of them: kernel vs SDPA per sequence")
+    parser.add_argument("--sweep", action="store_true", help="q_len 2..64 (1 and --batch sequences): kernel vs SDPA")
     parser.add_argument("--baseline-rev", default=BASELINE_REV)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.2, help="seconds per timed round and variant")
@@ -181,7 +182,8 @@ def main() -> None:
     for model in models:
         for context in contexts:
             step = Step(HEADS[model], args.batch, args.q_len, context, dtype, args.kv_cache_dtype, args.shuffled)
-            times = race({"old": step.layer(1), "new": step.layer(batch_module.MAX_PAGED_QUERIES)}, args.repeats, args.budget)
+            paths = {"old": step.layer(1), "new": step.layer(batch_module.MAX_PAGED_QUERIES)}
+            times = race(paths, args.repeats, args.budget)
             print(f"| {model} ({'/'.join(map(str, HEADS[model]))}) | {context} | {args.batch} x {args.q_len} | "
                   f"{times['old']:.3f} | {times['new']:.3f} | {times['old'] / times['new']:.2f}x |", flush=True)
     print()

@@ -64,8 +64,9 @@ def paged_attention(
         return paged_attention_torch(
             q, k_pool, v_pool, block_tables, query_starts, key_ends, scale, window, softcap, k_scales, v_scales, key_starts
         )
+    ranges = (block_tables, query_starts, key_starts, key_ends)
     return paged_attention_module().paged_attention(
-        q, k_pool, v_pool, block_tables, query_starts, key_starts, key_ends, scale, window or 0, softcap or 0.0, k_scales, v_scales
+        q, k_pool, v_pool, *ranges, scale, window or 0, softcap or 0.0, k_scales, v_scales
     )
 
 

@@ -120,7 +120,8 @@ def test_a_sequence_gives_the_same_bits_alone_or_in_any_batch(dtype, kv_dtype, b
     def attend(seqs: list[int]) -> list[torch.Tensor]:
         rows = [q[starts[b] : starts[b + 1]] for b in seqs]
         sub_starts = torch.tensor([0] + [q_lens[b] for b in seqs]).cumsum(0)
-        out = paged_attention(torch.cat(rows), *pools, tables[seqs], sub_starts, key_ends[seqs], 0.125, window, None, k_scales, v_scales)
+        ranges = (tables[seqs], sub_starts, key_ends[seqs])
+        out = paged_attention(torch.cat(rows), *pools, *ranges, 0.125, window, None, k_scales, v_scales)
         return list(out.split([q_lens[b] for b in seqs]))
 
     together = attend(list(range(len(q_lens))))
@@ -180,11 +181,14 @@ def test_bad_ranges_are_refused():
     k_pool, v_pool, _, _ = _pools(g, 1, 32, torch.float32, "auto")
     q = torch.randn(3, 1, 32, generator=g)
     tables = torch.tensor([[1, 2]])
-    module = paged_attention_module()
+    def call(key_end: int) -> None:
+        args = (tables, torch.tensor([0, 3]), torch.tensor([0]), torch.tensor([key_end]), 1.0, 0, 0.0)
+        paged_attention_module().paged_attention(q, k_pool, v_pool, *args)
+
     with pytest.raises(RuntimeError, match="no key"):  # 3 queries but only 2 positions
-        module.paged_attention(q, k_pool, v_pool, tables, torch.tensor([0, 3]), torch.tensor([0]), torch.tensor([2]), 1.0, 0, 0.0)
+        call(2)
     with pytest.raises(RuntimeError, match="shorter"):  # 12 positions need 3 blocks
-        module.paged_attention(q, k_pool, v_pool, tables, torch.tensor([0, 3]), torch.tensor([0]), torch.tensor([12]), 1.0, 0, 0.0)
+        call(12)
 
 
 # -- ForwardBatch ----------------------------------------------------------------------------------------
@@ -193,7 +197,6 @@ def test_bad_ranges_are_refused():
 def _mixed_step(kv_dtype: str, dtype: torch.dtype, block_size: int) -> tuple[PagedKVCache, dict]:
     """A cache with two layer groups (full attention, and a sliding window) holding random context, and a
     step with decode rows, k+1-token verification rows, a short chunk after a prefix hit and a long prefill."""
-    g = torch.Generator().manual_seed(5)
     kv_heads, dim = 2, 32
     groups = [KVGroupSpec("full", None, (0,), 64), KVGroupSpec("local", 6, (1,), 64)]
     cache = PagedKVCache(groups, block_size, kv_heads, dim, dtype, "cpu", kv_dtype)
@@ -230,7 +233,9 @@ def _fill(cache: PagedKVCache, seed: int) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype, kv_dtype, block_size", [(torch.float32, "auto", 8), (torch.bfloat16, "int8", 8), (torch.bfloat16, "auto", 16)])
+@pytest.mark.parametrize(
+    "dtype, kv_dtype, block_size", [(torch.float32, "auto", 8), (torch.bfloat16, "int8", 8), (torch.bfloat16, "auto", 16)]
+)
 def test_forward_batch_routes_short_query_blocks_through_one_kernel_call(monkeypatch, dtype, kv_dtype, block_size):
     """Decode, verification and short-chunk rows share one paged segment, the long prefill keeps SDPA;
     the result matches today's per-sequence paths (the kernel turned off)."""
