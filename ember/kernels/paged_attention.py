@@ -17,6 +17,7 @@ PagedKVCache.write's fused quantize-and-store.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -81,29 +82,20 @@ def paged_decode_attention(
     softcap: float | None,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
+    *,
+    use_torch: bool = False,
 ) -> torch.Tensor:
-    """One query per sequence: q [B, H, D]; sequence b attends to positions [key_start[b], key_end[b])."""
+    """One query per sequence: q [B, H, D]; sequence b attends to positions [key_start[b], key_end[b]).
+    `use_torch` runs the PyTorch reference instead of the kernel."""
     query_starts = torch.arange(q.shape[0] + 1, device=q.device)
     args = (q, k_pool, v_pool, block_tables, query_starts, key_end, scale, None, softcap, k_scales, v_scales)
-    return paged_attention(*args, key_starts=key_start)
+    attend = paged_attention_torch if use_torch else paged_attention
+    return attend(*args, key_starts=key_start)
 
 
-def paged_decode_attention_torch(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    block_tables: torch.Tensor,
-    key_start: torch.Tensor,
-    key_end: torch.Tensor,
-    scale: float,
-    softcap: float | None,
-    k_scales: torch.Tensor | None = None,
-    v_scales: torch.Tensor | None = None,
-) -> torch.Tensor:
+def paged_decode_attention_torch(*args: Any, **kwargs: Any) -> torch.Tensor:
     """paged_decode_attention in PyTorch."""
-    query_starts = torch.arange(q.shape[0] + 1, device=q.device)
-    args = (q, k_pool, v_pool, block_tables, query_starts, key_end, scale, None, softcap, k_scales, v_scales)
-    return paged_attention_torch(*args, key_starts=key_start)
+    return paged_decode_attention(*args, use_torch=True, **kwargs)
 
 
 def paged_attention_torch(
