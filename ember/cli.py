@@ -17,6 +17,7 @@ from typing import Any
 from ember.benchmark import add_bench_parser, run_bench
 from ember.eval.cli import add_eval_parser
 from ember.quant.cli import add_quantize_parser
+from ember.spec.cli import add_calibrate_parser
 from ember.config import EngineConfig
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
     add_eval_parser(commands)
     add_quantize_parser(commands)
+    add_calibrate_parser(commands)
     return parser
 
 
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(args)
         elif args.command == "serve":
             _run_serve(args)
-        elif args.command in ("eval", "quantize"):
+        elif args.command in ("eval", "quantize", "calibrate-layer-skip"):
             args.handler(args)
         else:
             _run_chat(args)

@@ -43,6 +43,8 @@ def assert_no_leak(engine) -> None:  # noqa: ANN001 - an LLMEngine
     assert not engine.output_processor.requests and not engine.scheduler.requests
     # The runner drops finished requests' state at its next step, when the scheduler tells it.
     assert set(engine.runner.input_batch.states) <= set(engine.scheduler._dropped)  # noqa: SLF001
+    draft_states = getattr(engine.runner.proposer, "_computed", {})  # a draft model's per-request progress
+    assert set(draft_states) <= set(engine.scheduler._dropped)  # noqa: SLF001
     for manager in engine.kv_manager.managers:
         assert not manager.tables
         assert manager.num_free_blocks == manager.num_blocks

@@ -177,7 +177,10 @@ class BlockManager:
         """Share the parent's blocks with a child. A partly filled last block is copied (copy-on-write):
         returns (source, destination) for the runner to copy, or None. Raises if no block is free."""
         parent = self.tables[parent_id]
-        child = BlockTable(list(parent.block_ids), parent.num_cached_blocks)
+        # Only the blocks holding the first `num_tokens` positions: the parent's table may reach further
+        # (slots allocated ahead for a draft model), and the child must not share those.
+        keep = -(-num_tokens // self.block_size)
+        child = BlockTable(parent.block_ids[:keep], min(parent.num_cached_blocks, keep))
         copy = None
         if num_tokens % self.block_size and child.block_ids:
             if not self.free_queue:

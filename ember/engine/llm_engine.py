@@ -8,19 +8,19 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-
-from ember.config import EngineConfig, resolve_dtype
+from ember.config import EngineConfig, ModelConfig, resolve_dtype
 from ember.engine.block_manager import KVCacheManager
+from ember.engine.output_processor import OutputProcessor
 from ember.engine.request import FinishReason, Request
 from ember.engine.scheduler import Scheduler
 from ember.errors import InvalidRequestError
 from ember.loader.model_loader import load_model, resolve_model
 from ember.model_zoo import default_model_path
-from ember.quant.config import QuantConfig
-from ember.engine.output_processor import OutputProcessor
 from ember.outputs import RequestOutput
+from ember.quant.config import QuantConfig
 from ember.sampling_params import SamplingParams
-from ember.spec.config import SpeculativeConfig, make_proposer
+from ember.spec.build import check_skip_layers, draft_kv_cache, draft_model_source, make_proposer
+from ember.spec.config import SpeculativeConfig
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 from ember.worker.kv_cache import KVGroupSpec, PagedKVCache, bytes_per_block, kv_quant_scheme
 from ember.worker.model_runner import ModelRunner
@@ -51,13 +51,29 @@ class LLMEngine:
         )
         self.eos_token_ids = list(dict.fromkeys(self.model_config.eos_token_ids + self.tokenizer.eos_token_ids))
         self.max_model_len = self._max_model_len()
+        speculative = self.speculative_config
+        method = speculative.method if speculative else None
+        # Speculation's own checks (draft path and vocabulary, skip set) come before any weights load.
+        draft_source = None
+        if method == "draft_model":
+            draft_source = draft_model_source(speculative, self.model_config, self.tokenizer, self.max_model_len)
+        skip_layers = check_skip_layers(speculative, self.model_config) if method == "layer_skip" else frozenset()
         model = load_model(source, self.dtype, config.device, quant)
-        kv_cache = self._allocate_kv_cache()
+        draft = load_model(draft_source, self.dtype, config.device, quant) if draft_source else None
+        kv_cache = self._allocate_kv_cache(draft.config if draft else None)
+        draft_cache = draft_kv_cache(draft.config, kv_cache, self.dtype, config.device) if draft else None
         self.kv_manager = KVCacheManager(
             [(spec.num_blocks, spec.window) for spec in kv_cache.groups], config.block_size, config.enable_prefix_caching
         )
-        self.runner = ModelRunner(model, kv_cache, config.device, make_proposer(self.speculative_config))
-        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        proposer = make_proposer(speculative, model, kv_cache, draft, draft_cache, skip_layers)
+        self.runner = ModelRunner(model, kv_cache, config.device, proposer)
+        self.scheduler = Scheduler(
+            self.kv_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            num_lookahead_tokens=proposer.num_lookahead_tokens if proposer else 0,
+            disable_by_batch_size=speculative.disable_by_batch_size if speculative else None,
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = random.Random(config.seed)
         groups = ", ".join(f"{g.name}: {len(g.layers)} layers x {g.num_blocks} blocks" for g in kv_cache.groups)
@@ -169,9 +185,10 @@ class LLMEngine:
             raise InvalidRequestError(f"max_model_len {wanted} exceeds the model's context of {model_limit} tokens")
         return wanted
 
-    def _allocate_kv_cache(self) -> PagedKVCache:
+    def _allocate_kv_cache(self, draft: ModelConfig | None = None) -> PagedKVCache:
         """Split the KV budget: sliding-window layers get just enough blocks for every sequence's window
-        plus one prompt chunk; full-attention layers get the rest."""
+        plus one prompt chunk; full-attention layers get the rest (shared with a draft model's cache,
+        which has as many blocks)."""
         cfg, config = self.model_config, self.config
         block_size = config.block_size
         full = tuple(i for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i))
@@ -191,10 +208,16 @@ class LLMEngine:
             groups.append(KVGroupSpec("sliding", window, sliding, count + 1))
             budget -= (count + 1) * block_bytes(sliding)
         layers = full or sliding
+        draft_bytes = 0
+        if draft is not None:
+            draft_bytes = bytes_per_block(
+                block_size, draft.num_hidden_layers, draft.num_key_value_heads, draft.head_dim, self.dtype,
+                config.kv_cache_dtype,
+            )
         if config.kv_cache_tokens is not None:
             count = -(-config.kv_cache_tokens // block_size)
         else:
-            count = budget // block_bytes(layers) - 1
+            count = budget // (block_bytes(layers) + draft_bytes) - 1
         if count < 2:
             raise InvalidRequestError(
                 f"kv_cache_memory of {config.kv_cache_memory} GiB is too small for this model; raise it"

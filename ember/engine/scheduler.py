@@ -55,6 +55,7 @@ class ScheduledRequest:
     spec_token_ids: list[int] = field(default_factory=list)  # drafts appended after the request's tokens
     forks: list[ForkData] = field(default_factory=list)
     samples: bool = False  # the chunk reaches the end of the request's tokens: sample (and verify drafts)
+    draft: bool = True  # propose drafts after this step (off while the request backs off)
 
 
 @dataclass
@@ -100,10 +101,21 @@ class SpecDecodeStats:
 
 
 class Scheduler:
-    def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        kv_manager: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        num_lookahead_tokens: int = 0,
+        disable_by_batch_size: int | None = None,
+    ) -> None:
+        """`num_lookahead_tokens`: KV slots allocated past a sampling chunk for a model drafter to write
+        into; `disable_by_batch_size`: no drafting while more requests than this are scheduled."""
         self.kv = kv_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_lookahead_tokens = num_lookahead_tokens
+        self.disable_by_batch_size = disable_by_batch_size
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -129,6 +141,9 @@ class Scheduler:
         budget, preempted = self._schedule_running(out, budget)
         if not preempted:
             self._schedule_waiting(out, budget)
+        if self.disable_by_batch_size is not None and len(out.scheduled) > self.disable_by_batch_size:
+            for item in out.scheduled:
+                item.draft = False
         out.dropped_request_ids, self._dropped = self._dropped, []
         return out
 
@@ -138,7 +153,8 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens, budget)
-            while not self.kv.allocate(request.request_id, request.num_computed_tokens, num_new):
+            slots = self._slots(request, request.num_computed_tokens, num_new)
+            while not self.kv.allocate(request.request_id, request.num_computed_tokens, slots):
                 victim = self.running[-1]  # the most recently admitted
                 self._preempt(victim)
                 preempted = True
@@ -157,7 +173,8 @@ class Scheduler:
             hashes = request.update_block_hashes(self.kv.block_size)
             computed, num_cached = self.kv.computed_blocks(hashes, request.all_token_ids)
             num_new = min(request.num_tokens - num_cached, budget)
-            if not self.kv.allocate(request.request_id, num_cached, num_new, computed):
+            slots = self._slots(request, num_cached, num_new)
+            if not self.kv.allocate(request.request_id, num_cached, slots, computed):
                 break
             self.kv.record_lookup(request.num_tokens, num_cached)
             self.waiting.popleft()
@@ -176,6 +193,13 @@ class Scheduler:
             self._add(out, request, num_new)
             budget -= num_new
 
+    def _slots(self, request: Request, num_computed: int, num_new: int) -> int:
+        """KV slots past `num_computed` a step needs: its tokens, plus the drafter's lookahead (up to the
+        request's last position) when the chunk reaches the end and samples."""
+        if not self.num_lookahead_tokens or num_computed + num_new < request.num_tokens:
+            return num_new
+        return max(num_new, min(num_new + self.num_lookahead_tokens, request.max_total_len - num_computed))
+
     def _add(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
         real = request.num_tokens - request.num_computed_tokens  # tokens before the drafts
         item = ScheduledRequest(
@@ -185,6 +209,7 @@ class Scheduler:
             [list(table) for table in self.kv.block_tables(request.request_id)],
             spec_token_ids=request.spec_token_ids[: max(0, num_new - real)],
             samples=num_new >= real,
+            draft=request.spec_skip == 0,
         )
         if item.samples and not request.output_token_ids and request.pending_forks:
             self._forking[request.request_id] = request.pending_forks
@@ -227,8 +252,8 @@ class Scheduler:
                 updates.extend(self._fork(request, child, result))
             new = self._append_tokens(request, tokens, result.logprobs[row] if row is not None else None)
             if not request.is_finished:
-                if rejected:  # the table then covers exactly what a step without drafts would hold
-                    self.kv.truncate(request.request_id, request.num_tokens)
+                if rejected:  # the table then covers what a step without drafts would hold (+ lookahead)
+                    self.kv.truncate(request.request_id, request.num_tokens + self.num_lookahead_tokens)
                 self._register_blocks(request)
                 if row is not None:
                     self._set_drafts(request, result.spec_token_ids[row])

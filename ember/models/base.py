@@ -59,6 +59,8 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions, hidden.dtype)
         local = self.rotary_local(positions, hidden.dtype) if self.rotary_local is not None else (cos, sin)
         for i, layer in enumerate(self.model.layers):
+            if i in batch.skip_layers:
+                continue
             layer_cos, layer_sin = local if self.config.is_sliding(i) else (cos, sin)
             hidden = layer(hidden, layer_cos, layer_sin, batch)
         return self.model.norm(hidden)

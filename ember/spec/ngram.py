@@ -7,17 +7,20 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ember.worker.input_batch import CachedRequestState
+from ember.spec.proposer import DraftRequest, Proposer
 
 
-class NgramProposer:
+class NgramProposer(Proposer):
     def __init__(self, num_speculative_tokens: int, prompt_lookup_min: int, prompt_lookup_max: int) -> None:
         self.k = num_speculative_tokens
         self.min_n = prompt_lookup_min
         self.max_n = prompt_lookup_max
 
-    def propose(self, states: list[CachedRequestState]) -> list[list[int]]:
-        return [self.propose_one(state.prompt_token_ids + state.output_token_ids) for state in states]
+    def propose(self, requests: list[DraftRequest]) -> list[list[int]]:
+        return [
+            self.propose_one(r.state.prompt_token_ids + r.state.output_token_ids) if r.samples else []
+            for r in requests
+        ]
 
     def propose_one(self, tokens: list[int]) -> list[int]:
         """Longest suffix match first (n from max down to min); of its matches, the latest one followed

@@ -65,6 +65,7 @@ class ForwardBatch:
     block_tables: list[list[list[int]]]  # [group][B][blocks]
     logits_indices: torch.Tensor  # rows of the hidden states whose logits are needed
     kv_cache: PagedKVCache
+    skip_layers: frozenset[int] = frozenset()  # layers the model passes over (a layer-skip draft)
     _slot_mappings: list[torch.Tensor] = field(init=False)
     _segments: list[_Segment] = field(init=False)
     _layouts: dict[tuple[int, int, int | None], _KeyLayout] = field(init=False, default_factory=dict)

@@ -21,7 +21,7 @@ from ember.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ember.kernels.gemv import gemv_module
 from ember.models.base import CausalLM
 from ember.outputs import PositionLogprobs
-from ember.spec.proposer import Proposer
+from ember.spec.proposer import DraftRequest, Proposer
 from ember.worker.batch import ForwardBatch
 from ember.worker.input_batch import CachedRequestState, InputBatch
 from ember.worker.kv_cache import PagedKVCache
@@ -36,6 +36,7 @@ class _SampleGroup:
     state: CachedRequestState
     drafts: list[int]
     first_row: int  # index of its first row in the sampled batch
+    draft: bool  # propose drafts for the next step
 
 
 class ModelRunner:
@@ -56,6 +57,8 @@ class ModelRunner:
         self._update_states(scheduled)
         for group, source, destination in scheduled.block_copies:
             self.kv_cache.copy_block(group, source, destination)
+            if self.proposer is not None:
+                self.proposer.copy_block(group, source, destination)
         batch, hidden_rows, logits_rows, groups = self._prepare(scheduled)
         hidden = self.model(batch.input_ids, batch.positions, batch)
         output = ModelRunnerOutput()
@@ -71,12 +74,14 @@ class ModelRunner:
             tokens, logprobs = _verify(group, sampled.token_ids, sampled.logprobs)
             group.state.output_token_ids.extend(tokens)
             output.add_row(group.state.request_id, tokens, logprobs, [])
-        self._propose(groups, output)
+        self._propose(scheduled, groups, output)
         return output
 
     def _update_states(self, scheduled: SchedulerOutput) -> None:
         for request_id in scheduled.dropped_request_ids:
             self.input_batch.remove(request_id)
+            if self.proposer is not None:
+                self.proposer.remove_request(request_id)
             for processor in self.sampler.processors:
                 processor.remove_request(request_id)
         for new in scheduled.new_requests:
@@ -105,13 +110,13 @@ class ModelRunner:
             count = len(item.spec_token_ids) + 1
             first_hidden = len(hidden_rows)
             hidden_rows.extend(range(len(input_ids) - count, len(input_ids)))
-            groups.append(_SampleGroup(state, item.spec_token_ids, len(logits_rows)))
+            groups.append(_SampleGroup(state, item.spec_token_ids, len(logits_rows), item.draft))
             logits_rows.extend(range(first_hidden, first_hidden + count))
             for fork in item.forks:
                 child = self.input_batch.fork(state, fork)
                 for processor in self.sampler.processors:
                     processor.add_request(child.request_id, child.params, child.output_token_ids)
-                groups.append(_SampleGroup(child, [], len(logits_rows)))
+                groups.append(_SampleGroup(child, [], len(logits_rows), item.draft))
                 logits_rows.append(first_hidden)
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
@@ -124,11 +129,20 @@ class ModelRunner:
         )
         return batch, hidden_rows, logits_rows, groups
 
-    def _propose(self, groups: list[_SampleGroup], output: ModelRunnerOutput) -> None:
+    def _propose(self, scheduled: SchedulerOutput, groups: list[_SampleGroup], output: ModelRunnerOutput) -> None:
+        """Drafts for the requests that sampled and draft next (their rows come first, in output order);
+        prompt chunks that did not reach their end come along for a draft model to keep up with."""
         if self.proposer is None:
             return
-        states = [group.state for group in groups]
-        for row, drafts in enumerate(self.proposer.propose(states)):
+        rows = [row for row, group in enumerate(groups) if group.draft]
+        states = [groups[row].state for row in rows]
+        requests = [DraftRequest(state, state.num_computed_tokens, state.num_tokens - 1, True) for state in states]
+        for item in scheduled.scheduled:
+            if not item.samples:
+                state = self.input_batch.states[item.request_id]
+                end = item.num_computed_tokens + item.num_new_tokens
+                requests.append(DraftRequest(state, item.num_computed_tokens, end, False))
+        for row, drafts in zip(rows, self.proposer.propose(requests)):
             output.spec_token_ids[row] = drafts
 
     def _prompt_logprobs(self, scheduled: SchedulerOutput, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:

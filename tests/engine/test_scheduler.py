@@ -200,3 +200,42 @@ def test_speculation_backs_off_after_rejections():
     _run_step(scheduler, _drafting_runner(accept=0, k=2))
     assert _run_step(scheduler, _drafting_runner(accept=1, k=2))["a"] == 3
     assert request.spec_backoff == 0  # an accepted token resets the back-off
+
+
+def test_lookahead_slots_for_a_model_drafter():
+    """A draft model writes KV past the verified tokens: the scheduler allocates `num_lookahead_tokens`
+    slots past each sampling chunk (never past the request's last position) and keeps them on rollback."""
+    scheduler = Scheduler(KVCacheManager([(65, None)], BS), 8, 64, num_lookahead_tokens=3)
+    request = _request("a", 6, max_tokens=20)
+    scheduler.add(request)
+    _run_step(scheduler, _drafting_runner(accept=1))  # prefill 6 (+3 lookahead: positions 0..8)
+    table = scheduler.kv.managers[0].tables["a"]
+    assert len(table.block_ids) == 3
+    _run_step(scheduler, _drafting_runner(accept=1))  # positions 6..9 computed, 10..12 ahead
+    assert request.num_computed_tokens == 8 and request.num_tokens == 9
+    assert len(table.block_ids) == 3  # rolled back to 9 tokens + 3 ahead = positions 0..11
+    short = _request("b", 4, max_tokens=2)
+    scheduler.add(short)
+    _run_step(scheduler, _drafting_runner(accept=1))
+    assert len(scheduler.kv.managers[0].tables["b"].block_ids) == 2  # 4 + 3 capped at its last position (6)
+
+
+def test_a_fork_shares_only_the_prompt_blocks():
+    """Slots allocated ahead for the parent are not the child's: it gets the prompt's blocks, the
+    partly filled one copied."""
+    scheduler = Scheduler(KVCacheManager([(65, None)], BS), 8, 64, num_lookahead_tokens=4)
+    parent = _request("a", 6, max_tokens=10)
+    child = _request("b", 6, max_tokens=10)
+    child.prompt_token_ids = parent.prompt_token_ids
+    parent.pending_forks = [child]
+    scheduler.add(parent)
+    out = scheduler.schedule()
+    result = ModelRunnerOutput()
+    result.add_row("a", [5], None, [])
+    result.add_row("b", [6], None, [])
+    scheduler.update_from_output(out, result)
+    manager = scheduler.kv.managers[0]
+    parent_blocks, child_blocks = manager.tables["a"].block_ids, manager.tables["b"].block_ids
+    assert len(parent_blocks) == 3 and len(child_blocks) == 2  # parent: 6 + 4 ahead; child: the prompt
+    assert child_blocks[0] == parent_blocks[0] and child_blocks[1] != parent_blocks[1]
+    assert scheduler.schedule().block_copies == [(0, parent_blocks[1], child_blocks[1])]

@@ -5,16 +5,18 @@ ember's outputs do not depend on batch composition)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from helpers import assert_no_leak
 
 from ember import LLM, SamplingParams
-from ember.errors import InvalidRequestError
+from ember.errors import EmberError, InvalidRequestError
 from ember.spec.config import SpeculativeConfig
 from ember.spec.ngram import NgramProposer
-from helpers import assert_no_leak
+from ember.spec.proposer import DraftRequest, Proposer
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
@@ -32,8 +34,32 @@ def _tokens(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> list[
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
-def checkpoint(request, checkpoint_dir):
-    return checkpoint_dir(request.param)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def checkpoint(family, checkpoint_dir):
+    return checkpoint_dir(family)
+
+
+@pytest.fixture(params=["ngram", "draft_model", "self_draft", "layer_skip"])
+def method(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def spec_config(method, family, checkpoint_dir) -> dict:
+    """Each proposer: a draft of another family sharing the tokenizer (random weights: drafts mostly
+    rejected), the target drafting for itself (mostly accepted), and the target skipping its middle layer."""
+    if method == "ngram":
+        return NGRAM
+    if method == "draft_model":
+        other = checkpoint_dir("qwen2" if family == "llama" else "llama")
+        return {"method": "draft_model", "model": other, "num_speculative_tokens": 3, "draft_p_min": 0.0}
+    if method == "self_draft":
+        return {"method": "draft_model", "model": checkpoint_dir(family), "num_speculative_tokens": 4, "draft_p_min": 0.0}
+    return {"method": "layer_skip", "skip_layers": [1], "num_speculative_tokens": 3, "draft_p_min": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -45,39 +71,40 @@ def checkpoint(request, checkpoint_dir):
     ],
     ids=["greedy", "seeded", "n3"],
 )
-def test_same_tokens_with_and_without_speculation(checkpoint, params):
+def test_same_tokens_with_and_without_speculation(checkpoint, method, spec_config, params):
     prompts = _prompts()
     plain = LLM(checkpoint, dtype="float32", block_size=4)
     expected = _tokens(plain, prompts, params)
-    spec = LLM(checkpoint, dtype="float32", block_size=4, speculative_config=NGRAM)
+    spec = LLM(checkpoint, dtype="float32", block_size=4, speculative_config=spec_config)
     assert _tokens(spec, prompts, params) == expected
     assert _tokens(spec, prompts, params) == expected  # again: every prompt is a prefix-cache hit now
     stats = spec.engine.scheduler.spec_stats
     assert stats.num_draft_tokens > 0
-    if params.temperature == 0:  # random weights: sampled text rarely repeats (the chi-square test accepts some)
+    # Random weights: sampled text rarely repeats, and another random model rarely agrees.
+    if params.temperature == 0 and method in ("ngram", "self_draft"):
         assert stats.num_accepted_tokens > 0
     assert_no_leak(spec.engine)
 
 
-def test_lossless_under_chunked_prefill_and_preemption(checkpoint):
+def test_lossless_under_chunked_prefill_and_preemption(checkpoint, spec_config):
     prompts = _prompts() * 2
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     expected = _tokens(LLM(checkpoint, dtype="float32", block_size=4), prompts, params)
     # 24-token steps chunk the prompts; a 160-token pool cannot hold all 8 requests: preemptions.
     spec = LLM(checkpoint, dtype="float32", block_size=4, max_num_batched_tokens=24, kv_cache_tokens=160,
-               speculative_config=NGRAM)
+               speculative_config=spec_config)
     assert _tokens(spec, prompts, params) == expected
     assert spec.engine.scheduler.num_preemptions > 0
     assert_no_leak(spec.engine)
 
 
-def test_logprobs_and_stop_strings_match(checkpoint):
+def test_logprobs_and_stop_strings_match(checkpoint, spec_config):
     prompts = _prompts()
     plain = LLM(checkpoint, dtype="float32", block_size=4)
     tokenizer = plain.get_tokenizer()
     stop = tokenizer.decode(_tokens(plain, prompts[:1], SamplingParams(temperature=0, max_tokens=12))[0][6:8])
     params = SamplingParams(temperature=0, max_tokens=30, logprobs=3, stop=[stop] if stop.strip() else None)
-    spec = LLM(checkpoint, dtype="float32", block_size=4, speculative_config=NGRAM)
+    spec = LLM(checkpoint, dtype="float32", block_size=4, speculative_config=spec_config)
     for a, b in zip(plain.generate(prompts, params, use_tqdm=False), spec.generate(prompts, params, use_tqdm=False)):
         x, y = a.outputs[0], b.outputs[0]
         assert (x.text, x.token_ids, x.finish_reason, x.stop_reason) == (y.text, y.token_ids, y.finish_reason, y.stop_reason)
@@ -111,14 +138,15 @@ def test_sampled_tokens_follow_the_target_distribution(checkpoint_dir):
     assert chi2 < 37.7, f"chi-square {chi2:.1f} over {len(expected) - 1} degrees of freedom (p < 0.001 bound)"
 
 
-class _LastTokenProposer:
+class _LastTokenProposer(Proposer):
     """A deterministic draft of one token, chosen by the last token (a proposer, not a model)."""
 
     def __init__(self, drafts: dict[int, int]) -> None:
         self.drafts = drafts
 
-    def propose(self, states) -> list[list[int]]:  # noqa: ANN001 - CachedRequestState list
-        return [[self.drafts[s.output_token_ids[-1]]] if len(s.output_token_ids) == 1 else [] for s in states]
+    def propose(self, requests: list[DraftRequest]) -> list[list[int]]:
+        outputs = [r.state.output_token_ids for r in requests]
+        return [[self.drafts[o[-1]]] if r.samples and len(o) == 1 else [] for r, o in zip(requests, outputs)]
 
 
 def _top_probs(llm: LLM, prompt: list[int], params: dict) -> dict[int, float]:
@@ -145,6 +173,13 @@ def test_ngram_proposer_prefers_the_longest_match():
         ({"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_max"),
         ({"method": "ngram", "bogus": 1}, "unknown field"),
         ("{not json", "not valid JSON"),
+        ({"method": "draft_model"}, 'needs "model"'),
+        ({"method": "ngram", "model": "draft.gguf"}, "only used by"),
+        ({"method": "draft_model", "model": "draft.gguf", "draft_p_min": 2}, "draft_p_min"),
+        ({"method": "layer_skip"}, "needs one of"),
+        ({"method": "layer_skip", "skip_layers": []}, "non-empty list"),
+        ({"method": "layer_skip", "skip_layers": [1], "skip_layers_file": "f.json"}, "needs one of"),
+        ({"method": "ngram", "disable_by_batch_size": 0}, "disable_by_batch_size"),
     ],
 )
 def test_bad_settings_are_one_clear_error(config, message):
@@ -152,20 +187,64 @@ def test_bad_settings_are_one_clear_error(config, message):
         SpeculativeConfig.parse(config)
 
 
+def test_engine_refuses_bad_drafts_before_loading(checkpoint_dir, tmp_path):
+    from ember.model_zoo import default_model_path
+
+    target = checkpoint_dir("llama")
+    cases = [
+        ({"method": "draft_model", "model": default_model_path()}, "different vocabulary"),
+        ({"method": "draft_model", "model": str(tmp_path / "missing.gguf")}, "does not exist"),
+        ({"method": "layer_skip", "skip_layers": [3]}, "past the model's 3 layers"),
+        ({"method": "layer_skip", "skip_layers": [0, 1, 2]}, "every layer"),
+        ({"method": "layer_skip", "skip_layers_file": str(tmp_path / "none.json")}, "not a calibration file"),
+    ]
+    for config, message in cases:
+        with pytest.raises(EmberError, match=message):
+            LLM(target, dtype="float32", speculative_config=config)
+
+
+def test_layer_skip_calibration_writes_a_usable_file(checkpoint_dir, tmp_path):
+    from ember.cli import main
+
+    path = checkpoint_dir("llama")
+    output = tmp_path / "skip.json"
+    assert main(["calibrate-layer-skip", "--model", path, "--output", str(output), "--num-tokens", "64",
+                 "--dtype", "float32", "--no-progress"]) == 0
+    saved = json.loads(output.read_text())
+    assert saved["num_layers"] == 3 and 0 < len(saved["skip_layers"]) < 3 and 0 <= saved["agreement"] <= 1
+    config = {"method": "layer_skip", "skip_layers_file": str(output), "draft_p_min": 0.0}
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = _prompts()
+    expected = _tokens(LLM(path, dtype="float32", block_size=4), prompts, params)
+    spec = LLM(path, dtype="float32", block_size=4, speculative_config=config)
+    assert _tokens(spec, prompts, params) == expected
+    assert spec.engine.scheduler.spec_stats.num_draft_tokens > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["gemma", "qwen"])
 def test_real_gguf_greedy_is_unchanged(model):
-    """The default model and Qwen2.5-Coder 0.5B (GGUF weights kept quantized), float32 compute."""
+    """The default model and Qwen2.5-Coder 0.5B (GGUF weights kept quantized), float32 compute: ngram,
+    the model drafting for itself (a real draft model's path through its own KV cache) and layer skip."""
     from ember.model_zoo import default_model_path, qwen25_coder_05b_path
 
     path = {"gemma": default_model_path, "qwen": qwen25_coder_05b_path}[model]()
     code = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n"
     prompts = [f"Rewrite this code with type hints.\n\n{code}\nRewritten:\n", "The capital of France is"]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    plain = LLM(path, dtype="float32", max_model_len=512, max_num_seqs=4, kv_cache_memory=0.5)
+    settings = {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 4, "kv_cache_memory": 0.5}
+    plain = LLM(path, **settings)
     expected = _tokens(plain, prompts, params)
+    layers = plain.engine.model_config.num_hidden_layers
     del plain
-    spec = LLM(path, dtype="float32", max_model_len=512, max_num_seqs=4, kv_cache_memory=0.5, speculative_config=NGRAM)
-    assert _tokens(spec, prompts, params) == expected
-    assert spec.engine.scheduler.spec_stats.num_accepted_tokens > 0
-    assert_no_leak(spec.engine)
+    configs = [
+        NGRAM,
+        {"method": "draft_model", "model": path, "num_speculative_tokens": 3},
+        {"method": "layer_skip", "skip_layers": list(range(1, layers - 1, 3)), "num_speculative_tokens": 3},
+    ]
+    for config in configs:
+        spec = LLM(path, **settings, speculative_config=config)
+        assert _tokens(spec, prompts, params) == expected, config["method"]
+        assert spec.engine.scheduler.spec_stats.num_accepted_tokens > 0, config["method"]
+        assert_no_leak(spec.engine)
+        del spec
