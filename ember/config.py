@@ -221,7 +221,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of a prompt prefix computed before."""
     speculative_config: str | dict[str, Any] | None = None
-    """Speculative decoding, as JSON (vLLM's names), e.g. {"method": "ngram", "num_speculative_tokens": 4,
-    "prompt_lookup_min": 2, "prompt_lookup_max": 4}; off by default."""
+    """Speculative decoding, as JSON (vLLM's names), e.g. {"method": "ngram", "num_speculative_tokens": 4},
+    {"method": "draft_model", "model": "draft.gguf"} or {"method": "layer_skip", "skip_layers_file": "f.json"}
+    (see ember.spec.config.SpeculativeConfig); off by default."""
     seed: int = 0
     """Seed for requests that set none."""
