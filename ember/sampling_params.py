@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from ember.errors import InvalidRequestError
+from ember.structured.params import StructuredOutputsParams
 
 _MAX_N = 128
 _MAX_LOGPROBS = 20
@@ -53,12 +54,16 @@ class SamplingParams:
     """Added to the logits of the given token ids before sampling (OpenAI/vLLM semantics, -100..100)."""
     spaces_between_special_tokens: bool = True
     """Accepted for vLLM compatibility; decoding follows the tokenizer's own rules."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON Schema, JSON object, regex, choice or grammar (a dict is converted)."""
     _stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if self.top_k == -1:
             self.top_k = 0
         self._validate()

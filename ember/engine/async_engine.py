@@ -121,6 +121,9 @@ class AsyncLLM:
         before any token is computed, so a server can still answer 400 instead of starting a stream."""
         if self._stopped:
             raise EngineStepError("the engine is shut down")
+        if params.structured_outputs is not None:
+            # Compiled on the backend's pool while the step loop runs; a bad grammar fails here (400).
+            await asyncio.wrap_future(self.engine.structured.submit(params.structured_outputs))
         with self._lock:
             if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
                 raise QueueFullError(

@@ -42,6 +42,9 @@ class LLM:
         params_list = _as_params_list(sampling_params, len(prompt_list))
         # Validate every prompt before queueing any, so a bad one leaves no partial state behind.
         processed = [self.engine.process_prompt(_prompt_value(p)) for p in prompt_list]
+        for params in params_list:  # grammars compile in parallel; add_request below waits for each
+            if params.structured_outputs is not None:
+                self.engine.structured.submit(params.structured_outputs)
         request_ids = []
         for prompt, params in zip(processed, params_list):
             request_id = str(next(self._ids))

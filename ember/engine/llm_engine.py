@@ -21,8 +21,11 @@ from ember.quant.config import QuantConfig
 from ember.sampling_params import SamplingParams
 from ember.spec.build import check_skip_layers, draft_kv_cache, draft_model_source, make_proposer
 from ember.spec.config import SpeculativeConfig
+from ember.structured.backend import StructuredOutputBackend
+from ember.structured.processor import GrammarProcessor
 from ember.tokenizer import IncrementalDetokenizer, Tokenizer
 from ember.worker.kv_cache import KVGroupSpec, PagedKVCache, bytes_per_block, kv_quant_scheme
+from ember.worker.logits_processors import default_processors
 from ember.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("ember")
@@ -66,7 +69,10 @@ class LLMEngine:
             [(spec.num_blocks, spec.window) for spec in kv_cache.groups], config.block_size, config.enable_prefix_caching
         )
         proposer = make_proposer(speculative, model, kv_cache, draft, draft_cache, skip_layers)
-        self.runner = ModelRunner(model, kv_cache, config.device, proposer)
+        # xgrammar loads only when the first constrained request comes.
+        self.structured = StructuredOutputBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        processors = default_processors() + [GrammarProcessor(self.structured)]
+        self.runner = ModelRunner(model, kv_cache, config.device, proposer, processors)
         self.scheduler = Scheduler(
             self.kv_manager,
             config.max_num_seqs,
@@ -100,6 +106,8 @@ class LLMEngine:
         if request_id in self.output_processor.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._check_token_ids(params)
+        if params.structured_outputs is not None:  # compiled (or found in the cache) before anything is queued
+            self.structured.compile(params.structured_outputs)
         limit = self.max_model_len if params.max_tokens is None else len(token_ids) + params.max_tokens
         if limit > self.max_model_len:
             raise InvalidRequestError(

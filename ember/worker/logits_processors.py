@@ -36,6 +36,11 @@ class LogitsProcessor:
     def accept(self, request_id: str, token_ids: list[int]) -> None:
         """A step appended these tokens to the request."""
 
+    def valid_draft_prefix(self, request_id: str, draft_token_ids: list[int]) -> int:
+        """How many of these drafts (after the request's tokens) the processor could ever let through; the
+        rest are dropped before verification (e.g. the grammar rejects them)."""
+        return len(draft_token_ids)
+
     def apply(self, logits: torch.Tensor, rows: list[LogitsRow]) -> torch.Tensor:
         """logits: [len(rows), vocab] float32; returns the changed logits (may be the same tensor)."""
         raise NotImplementedError

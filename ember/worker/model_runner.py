@@ -25,6 +25,7 @@ from ember.spec.proposer import DraftRequest, Proposer
 from ember.worker.batch import ForwardBatch
 from ember.worker.input_batch import CachedRequestState, InputBatch
 from ember.worker.kv_cache import PagedKVCache
+from ember.worker.logits_processors import LogitsProcessor
 from ember.worker.runner_output import ModelRunnerOutput
 from ember.worker.sampler import Sampler, SamplingRow, collect_logprobs
 
@@ -41,12 +42,17 @@ class _SampleGroup:
 
 class ModelRunner:
     def __init__(
-        self, model: CausalLM, kv_cache: PagedKVCache, device: torch.device | str, proposer: Proposer | None = None
+        self,
+        model: CausalLM,
+        kv_cache: PagedKVCache,
+        device: torch.device | str,
+        proposer: Proposer | None = None,
+        processors: list[LogitsProcessor] | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = torch.device(device)
-        self.sampler = Sampler()
+        self.sampler = Sampler(processors)
         self.proposer = proposer
         self.input_batch = InputBatch()
         if model.dtype == torch.bfloat16:
@@ -73,6 +79,8 @@ class ModelRunner:
         for group in groups:
             tokens, logprobs = _verify(group, sampled.token_ids, sampled.logprobs)
             group.state.output_token_ids.extend(tokens)
+            for processor in self.sampler.processors:
+                processor.accept(group.state.request_id, tokens)
             output.add_row(group.state.request_id, tokens, logprobs, [])
         self._propose(scheduled, groups, output)
         return output
@@ -142,7 +150,9 @@ class ModelRunner:
                 state = self.input_batch.states[item.request_id]
                 end = item.num_computed_tokens + item.num_new_tokens
                 requests.append(DraftRequest(state, item.num_computed_tokens, end, False))
-        for row, drafts in zip(rows, self.proposer.propose(requests)):
+        for row, state, drafts in zip(rows, states, self.proposer.propose(requests)):
+            for processor in self.sampler.processors:
+                drafts = drafts[: processor.valid_draft_prefix(state.request_id, drafts)]
             output.spec_token_ids[row] = drafts
 
     def _prompt_logprobs(self, scheduled: SchedulerOutput, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
