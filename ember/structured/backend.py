@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 _CACHED_GRAMMARS = 512  # compiled grammars kept (a JSON schema's is tens of KB to a few MB)
 _COMPILE_THREADS = 2
+# Free JSON whitespace, but at most this many characters per gap (llama.cpp's JSON grammars bound it too):
+# a sampled model can otherwise emit whitespace until max_tokens.
+_MAX_WHITESPACE = 20
 _INSTALL_HINT = "structured outputs need xgrammar: pip install 'ember[structured]'"
 # xgrammar prefixes its errors with a timestamp and the C++ source line; the reason follows.
 _LOCATION = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
@@ -77,12 +80,13 @@ class StructuredOutputBackend:
 
     def _compile(self, key: GrammarKey) -> xgrammar.CompiledGrammar:
         compiler = self._get_compiler()
+        whitespace: dict[str, Any] = {"any_whitespace": key.any_whitespace, "max_whitespace_cnt": _MAX_WHITESPACE}
         try:
             if key.kind == "json":
                 schema = json.dumps(prepare_json_schema(json.loads(key.source)))
-                return compiler.compile_json_schema(schema, any_whitespace=key.any_whitespace)
+                return compiler.compile_json_schema(schema, **whitespace)
             if key.kind == "json_object":  # an object (xgrammar's built-in JSON grammar allows any value)
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=key.any_whitespace)
+                return compiler.compile_json_schema('{"type": "object"}', **whitespace)
             if key.kind == "regex":
                 return compiler.compile_regex(key.source)
             if key.kind == "choice":
