@@ -71,7 +71,7 @@ class LLMEngine:
         proposer = make_proposer(speculative, model, kv_cache, draft, draft_cache, skip_layers)
         # xgrammar loads only when the first constrained request comes.
         self.structured = StructuredOutputBackend(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        processors = default_processors() + [GrammarProcessor(self.structured)]
+        processors = default_processors() + [GrammarProcessor(self.structured, config.structured_jump_forward)]
         self.runner = ModelRunner(model, kv_cache, config.device, proposer, processors)
         self.scheduler = Scheduler(
             self.kv_manager,

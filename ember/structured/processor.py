@@ -3,7 +3,8 @@ bitmask filled per row each step and applied to the batch's logits in one kernel
 
 Rows of a request verifying k drafts see the matcher advanced over the drafts before them, then rolled
 back, so each row is masked as a one-token step at its position would be. Drafts are cut at the first
-token the grammar rejects (`valid_draft_prefix`), before they are verified. A request that comes back
+token the grammar rejects (`valid_draft_prefix`), before they are verified; where nothing else drafts, the
+text the grammar forces next is proposed as drafts (jump-forward). A request that comes back
 after preemption gets a new matcher that replays its output tokens.
 """
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ember")
 
+_MAX_FORCED_TOKENS = 16  # jump-forward drafts per step (one verification forward)
+
 
 @dataclass
 class _Constrained:
@@ -34,8 +37,9 @@ class _Constrained:
 
 
 class GrammarProcessor(LogitsProcessor):
-    def __init__(self, backend: StructuredOutputBackend) -> None:
+    def __init__(self, backend: StructuredOutputBackend, jump_forward: bool = True) -> None:
         self.backend = backend
+        self.jump_forward = jump_forward
         self._requests: dict[str, _Constrained] = {}
         self._bitmask = torch.empty(0, 0, dtype=torch.int32)
 
@@ -67,6 +71,18 @@ class GrammarProcessor(LogitsProcessor):
             state.matcher.rollback(count)
         return count
 
+    def forced_tokens(self, request_id: str) -> list[int]:
+        """Jump-forward: the text the grammar forces next (e.g. `", "age": ` between two JSON fields),
+        as tokens, proposed as drafts. The model verifies them like any draft, so the output is what it
+        would be without them; a step then yields several tokens where they agree with the model's own."""
+        state = self._requests.get(request_id)
+        if not self.jump_forward or state is None or state.broken or state.matcher.is_terminated():
+            return []
+        # Longest vocabulary tokens over the forced text, the last left out when a longer token could
+        # start there (the model would likely merge it with what follows).
+        tokens = state.matcher.find_jump_forward_tokens()[:_MAX_FORCED_TOKENS]
+        return tokens[: self.valid_draft_prefix(request_id, tokens)]
+
     def apply(self, logits: torch.Tensor, rows: list[LogitsRow]) -> torch.Tensor:
         constrained = [i for i, row in enumerate(rows) if row.request_id in self._requests]
         if not constrained:
@@ -74,17 +90,22 @@ class GrammarProcessor(LogitsProcessor):
         bitmask = self._bitmask_for(len(constrained))
         masked: list[int] = []
         tentative: dict[str, int] = {}  # drafts accepted for later rows of the same request, rolled back below
+        rejected: set[str] = set()  # requests whose drafts the grammar rejects from some row on
         for i in constrained:
             row = rows[i]
             state = self._requests[row.request_id]
-            if state.broken:
+            if state.broken or row.request_id in rejected:
                 continue
             ahead = tentative.get(row.request_id, 0)
             pending = row.output_token_ids[state.num_accepted + ahead :]
-            if any(not state.matcher.accept_token(t) for t in pending):
-                # Past a draft the grammar rejects: this row's token can never be kept, any mask will do.
+            accepted = 0
+            while accepted < len(pending) and state.matcher.accept_token(pending[accepted]):
+                accepted += 1
+            tentative[row.request_id] = ahead + accepted
+            if accepted < len(pending):
+                # Past a draft the grammar rejects: these rows' tokens can never be kept, any mask will do.
+                rejected.add(row.request_id)
                 continue
-            tentative[row.request_id] = ahead + len(pending)
             if state.matcher.is_terminated():
                 continue
             state.matcher.fill_next_token_bitmask(bitmask, len(masked))

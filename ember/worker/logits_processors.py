@@ -41,6 +41,11 @@ class LogitsProcessor:
         rest are dropped before verification (e.g. the grammar rejects them)."""
         return len(draft_token_ids)
 
+    def forced_tokens(self, request_id: str) -> list[int]:
+        """Tokens that must come next whatever the model says (a grammar's only continuation), proposed as
+        drafts when nothing else drafts for the request; [] when there are none."""
+        return []
+
     def apply(self, logits: torch.Tensor, rows: list[LogitsRow]) -> torch.Tensor:
         """logits: [len(rows), vocab] float32; returns the changed logits (may be the same tensor)."""
         raise NotImplementedError

@@ -138,22 +138,31 @@ class ModelRunner:
         return batch, hidden_rows, logits_rows, groups
 
     def _propose(self, scheduled: SchedulerOutput, groups: list[_SampleGroup], output: ModelRunnerOutput) -> None:
-        """Drafts for the requests that sampled and draft next (their rows come first, in output order);
-        prompt chunks that did not reach their end come along for a draft model to keep up with."""
-        if self.proposer is None:
-            return
+        """Drafts for the requests that sampled and draft next (their rows come first, in output order):
+        the proposer's, cut where a logits processor (a grammar) rejects them, or else the tokens a
+        processor forces. Prompt chunks that did not reach their end come along for a draft model to keep up."""
         rows = [row for row, group in enumerate(groups) if group.draft]
         states = [groups[row].state for row in rows]
-        requests = [DraftRequest(state, state.num_computed_tokens, state.num_tokens - 1, True) for state in states]
-        for item in scheduled.scheduled:
-            if not item.samples:
-                state = self.input_batch.states[item.request_id]
-                end = item.num_computed_tokens + item.num_new_tokens
-                requests.append(DraftRequest(state, item.num_computed_tokens, end, False))
-        for row, state, drafts in zip(rows, states, self.proposer.propose(requests)):
-            for processor in self.sampler.processors:
-                drafts = drafts[: processor.valid_draft_prefix(state.request_id, drafts)]
-            output.spec_token_ids[row] = drafts
+        proposed: list[list[int]] = [[] for _ in rows]
+        if self.proposer is not None:
+            requests = [DraftRequest(state, state.num_computed_tokens, state.num_tokens - 1, True) for state in states]
+            for item in scheduled.scheduled:
+                if not item.samples:
+                    state = self.input_batch.states[item.request_id]
+                    end = item.num_computed_tokens + item.num_new_tokens
+                    requests.append(DraftRequest(state, item.num_computed_tokens, end, False))
+            proposed = self.proposer.propose(requests)
+        for row, state, drafts in zip(rows, states, proposed):
+            output.spec_token_ids[row] = self._checked_drafts(state.request_id, drafts)
+
+    def _checked_drafts(self, request_id: str, drafts: list[int]) -> list[int]:
+        for processor in self.sampler.processors:
+            drafts = drafts[: processor.valid_draft_prefix(request_id, drafts)]
+        for processor in self.sampler.processors:
+            if drafts:
+                break
+            drafts = processor.forced_tokens(request_id)
+        return drafts
 
     def _prompt_logprobs(self, scheduled: SchedulerOutput, hidden: torch.Tensor, output: ModelRunnerOutput) -> None:
         """Log-probabilities of each prompt token given the ones before it (the first has none)."""

@@ -116,6 +116,23 @@ def test_same_output_with_speculative_decoding(checkpoint, llm, greedy):
     assert_no_leak(spec.engine)
 
 
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded"])
+def test_jump_forward_keeps_the_output(checkpoint, greedy):
+    """Forced text (JSON keys, a regex's literals) goes in as drafts; the tokens are those without it."""
+    constraints = [Constraint(json=PERSON, **COMPACT), Constraint(regex="(-begin-[0-9]{2}-end-){3}")]
+    params = [SamplingParams(temperature=0 if greedy else 1.0, seed=4, max_tokens=80, structured_outputs=c)
+              for c in constraints]
+    plain = LLM(checkpoint, dtype="float32", block_size=4, structured_jump_forward=False)
+    expected = [o.outputs[0].token_ids for o in plain.generate([PROMPT] * 2, params, use_tqdm=False)]
+    assert plain.engine.scheduler.spec_stats.num_draft_tokens == 0
+    jumping = LLM(checkpoint, dtype="float32", block_size=4)
+    got = jumping.generate([PROMPT] * 2, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == expected
+    stats = jumping.engine.scheduler.spec_stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    assert_no_leak(jumping.engine)
+
+
 def test_n_sequences_each_follow_the_grammar(llm):
     out = llm.generate([PROMPT], _params(Constraint(json=PERSON, **COMPACT), 3, n=4), use_tqdm=False)[0]
     assert len(out.outputs) == 4
