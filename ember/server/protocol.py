@@ -16,13 +16,16 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator,
+    AfterValidator, BaseModel, ConfigDict, Discriminator, Field, GetCoreSchemaHandler, GetJsonSchemaHandler,
+    PrivateAttr, Tag, model_validator,
 )
 from pydantic_core import core_schema
 
 from ember.errors import InvalidRequestError
 from ember.sampling_params import SamplingParams
 from ember.server.errors import FieldError, blamed_name
+from ember.server.tools import tool_call_constraint
+from ember.structured.params import StructuredOutputsParams
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -78,6 +81,10 @@ def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     return ids
 
 
+def _constraint_error(field: str, e: InvalidRequestError) -> FieldError:
+    return FieldError(f"{field}: {str(e).removeprefix('structured outputs: ')}", field)
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -85,6 +92,86 @@ class _Body(BaseModel):
 class StreamOptions(_Body):
     include_usage: bool = False
     continuous_usage_stats: Annotated[bool, _Unsupported("continuous_usage_stats", _NO)] = False
+
+
+class TextFormat(_Body):
+    type: Literal["text"]
+
+    def params(self) -> StructuredOutputsParams | None:
+        return None
+
+
+class JsonObjectFormat(_Body):
+    type: Literal["json_object"]
+
+    def params(self) -> StructuredOutputsParams | None:
+        return StructuredOutputsParams(json_object=True)
+
+
+class JsonSchema(_Body):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # strict or not, the output is held to the schema (as vLLM does)
+
+
+class JsonSchemaFormat(_Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+    def params(self) -> StructuredOutputsParams | None:
+        return StructuredOutputsParams(json=self.json_schema.schema_)
+
+
+class TaggedSchema(_Body):
+    begin: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    end: str
+
+
+class StructuralTagFormat(_Body):
+    """vLLM's: an xgrammar structural tag (`format`), or the older `structures` and `triggers`: free text
+    in which each `begin` (which starts with a trigger) is followed by JSON of its schema and `end`."""
+
+    type: Literal["structural_tag"]
+    format: dict[str, Any] | None = None
+    structures: list[TaggedSchema] | None = None
+    triggers: list[str] | None = None
+
+    def params(self) -> StructuredOutputsParams | None:
+        if self.format is not None:
+            return StructuredOutputsParams(structural_tag={"type": "structural_tag", "format": self.format})
+        if self.structures is None or self.triggers is None:
+            raise FieldError("response_format: a structural_tag needs `format` (or `structures` and `triggers`)",
+                             "response_format")  # fmt: skip
+        tags = [{"type": "tag", "begin": s.begin, "content": {"type": "json_schema", "json_schema": s.schema_},
+                 "end": s.end} for s in self.structures]  # fmt: skip
+        triggered = {"type": "triggered_tags", "triggers": self.triggers, "tags": tags}
+        return StructuredOutputsParams(structural_tag={"type": "structural_tag", "format": triggered})
+
+
+_FORMATS: dict[str, type[_Body]] = {"text": TextFormat, "json_object": JsonObjectFormat,
+                                    "json_schema": JsonSchemaFormat, "structural_tag": StructuralTagFormat}
+
+
+def _format_tag(value: Any) -> str | None:
+    """A response_format's model, by class name: error locations leave class names out, so a missing schema
+    is `response_format.json_schema.schema`, not `response_format.json_schema.json_schema.schema`."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    model = _FORMATS.get(kind) if isinstance(kind, str) else None
+    return model.__name__ if model else None
+
+
+ResponseFormat = Annotated[
+    Annotated[TextFormat, Tag("TextFormat")] | Annotated[JsonObjectFormat, Tag("JsonObjectFormat")]
+    | Annotated[JsonSchemaFormat, Tag("JsonSchemaFormat")] | Annotated[StructuralTagFormat, Tag("StructuralTagFormat")],
+    Discriminator(_format_tag, custom_error_type="response_format_type",
+                  custom_error_message=f"type must be one of {', '.join(_FORMATS)}"),
+]
+# The fields that constrain the output; a request may set one.
+_CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar")  # fmt: skip
+Constraint = tuple[str, StructuredOutputsParams]  # the request's field, and what it asks for
 
 
 class _SamplingFields(_Body):
@@ -112,18 +199,20 @@ class _SamplingFields(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     add_special_tokens: bool | None = None  # None: true for completions, false for chat (templates write BOS)
-    # Known fields ember does not implement (structured output and tools have their own issues).
-    response_format: Annotated[dict[str, Any] | None, _Unsupported(
-        "response_format other than text (structured output)", (None, {"type": "text"}))] = None
+    # What the output must match (at most one of them; see `find_constraint`).
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's StructuredOutputsParams, by its names
+    guided_json: str | dict[str, Any] | None = None  # vLLM's older names for the same
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: Annotated[str | None, _Unsupported(
+        "guided_whitespace_pattern (use structured_outputs.disable_any_whitespace)")] = None
+    # Known fields ember does not implement.
     prompt_logprobs: Annotated[Int64 | None, _Unsupported("prompt_logprobs (use echo with logprobs)")] = None
     use_beam_search: Annotated[bool, _Unsupported("beam search", _NO)] = False
     bad_words: Annotated[list[str] | None, _Unsupported("bad_words", _NOTHING)] = None
     allowed_token_ids: Annotated[list[Int64] | None, _Unsupported("allowed_token_ids")] = None
-    guided_json: Annotated[Any, _Unsupported("guided decoding")] = None
-    guided_regex: Annotated[str | None, _Unsupported("guided decoding")] = None
-    guided_choice: Annotated[list[str] | None, _Unsupported("guided decoding")] = None
-    guided_grammar: Annotated[str | None, _Unsupported("guided decoding")] = None
-    structured_outputs: Annotated[dict[str, Any] | None, _Unsupported("structured output")] = None
     truncate_prompt_tokens: Annotated[Int64 | None, _Unsupported("truncate_prompt_tokens")] = None
     logits_processors: Annotated[list[Any] | None, _Unsupported("custom logits processors", _NOTHING)] = None
     priority: Annotated[Int64, _Unsupported("request priority", (0,))] = 0
@@ -131,11 +220,42 @@ class _SamplingFields(_Body):
     spaces_between_special_tokens: Annotated[bool, _Unsupported(
         "spaces_between_special_tokens false (decoding follows the tokenizer's own rules)", (True,))] = True
 
+    _constraint: Constraint | None = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options: only allowed when stream is true", "stream_options")
         return self
+
+    @model_validator(mode="after")
+    def _resolve_constraint(self) -> _SamplingFields:
+        self._constraint = self.find_constraint()
+        return self
+
+    def find_constraint(self) -> Constraint | None:
+        """The field that constrains the output, and how; None for free text. Two constraints are an error,
+        not one silently winning."""
+        found = [(name, params) for name in _CONSTRAINT_FIELDS if (params := self._constraint_of(name)) is not None]
+        if len(found) > 1:
+            names = " and ".join(name for name, _ in found)
+            raise FieldError(f"{found[1][0]}: give at most one constraint on the output (got {names})", found[1][0])
+        return found[0] if found else None
+
+    def _constraint_of(self, name: str) -> StructuredOutputsParams | None:
+        value = getattr(self, name)
+        if value is None:
+            return None
+        try:
+            if name == "response_format":
+                return value.params()
+            if name == "structured_outputs":
+                return StructuredOutputsParams.from_dict(value)
+            return StructuredOutputsParams(**{name.removeprefix("guided_"): value})
+        except FieldError:
+            raise
+        except InvalidRequestError as e:
+            raise _constraint_error(name, e) from e
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         values: dict[str, Any] = {
@@ -151,6 +271,7 @@ class _SamplingFields(_Body):
             "max_tokens": max_tokens,
             "logprobs": logprobs,
             "prompt_logprobs": prompt_logprobs,
+            "structured_outputs": self._constraint[1] if self._constraint else None,
         }
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty"):
             value = getattr(self, name)
@@ -163,6 +284,8 @@ class _SamplingFields(_Body):
 
     def blame(self, e: InvalidRequestError, names: Collection[str]) -> FieldError:
         """`e` (a SamplingParams or engine check, which name parameters) as the error of this request's field."""
+        if self._constraint is not None and str(e).startswith("structured outputs"):  # the grammar did not compile
+            return _constraint_error(self._constraint[0], e)
         name = blamed_name(str(e), names)
         if name is None:
             return FieldError(str(e), None)
@@ -214,12 +337,35 @@ class TextPart(_Body):
     text: str
 
 
+def _parsed_arguments(arguments: str | dict[str, Any]) -> Any:
+    """A tool call's arguments as the template wants them (an object; OpenAI sends them as JSON text)."""
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except ValueError as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: Annotated[str | dict[str, Any], AfterValidator(_parsed_arguments)]
+
+
+class MessageToolCall(_Body):
+    """A call an assistant message made (sent back in the conversation with the call's result)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: Annotated[list[Any] | None, _Unsupported("tool_calls (tools)", _NOTHING)] = None
-    tool_call_id: Annotated[str | None, _Unsupported("tool_call_id (tools)")] = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool's result: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -228,19 +374,55 @@ class ChatMessage(_Body):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (keys set to None are dropped when rendering)."""
+        calls = [call.model_dump(exclude_none=True) for call in self.tool_calls] if self.tool_calls else None
+        return {"role": self.role, "content": self.text(), "name": self.name or None, "tool_calls": calls,
+                "tool_call_id": self.tool_call_id}  # fmt: skip
+
+
+_FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's (a-z, A-Z, 0-9, _ and -, at most 64), and dots
+
+
+class FunctionDefinition(_Body):
+    name: Annotated[str, Field(pattern=_FUNCTION_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments (an object); None: any object
+    strict: bool | None = None  # strict or not, calls forced by tool_choice hold to `parameters`
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class _ChatTemplateFields(_Body):
     """How a conversation becomes a prompt (vLLM's extras)."""
 
+    tools: list[Tool] | None = None  # given to the chat template, which tells the model how to call them
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: Annotated[bool, _Unsupported("continue_final_message", _NO)] = False
     documents: Annotated[list[Any] | None, _Unsupported("documents", _NOTHING)] = None
 
+    def template_variables(self) -> dict[str, Any]:
+        """The template's variables besides the messages; chat_template_kwargs win, as in vLLM."""
+        tools = [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+        return {"tools": tools, **(self.chat_template_kwargs or {})}
 
-def _conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+
+def _conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [m.for_template() for m in messages]
 
 
 class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
@@ -249,12 +431,12 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
     top_logprobs: Int64 | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool | None = None  # None: true
     # Known fields ember does not implement.
-    tools: Annotated[list[Any] | None, _Unsupported("tools (function calling)", _NOTHING)] = None
-    tool_choice: Annotated[Any, _Unsupported("tool_choice (function calling)", (None, "none", "auto"))] = None
-    functions: Annotated[list[Any] | None, _Unsupported("functions (function calling)", _NOTHING)] = None
-    function_call: Annotated[Any, _Unsupported("function_call (function calling)", (None, "none", "auto"))] = None
-    parallel_tool_calls: bool | None = None  # without tools there is nothing to call in parallel
+    functions: Annotated[list[Any] | None, _Unsupported("functions (deprecated: use tools)", _NOTHING)] = None
+    function_call: Annotated[Any, _Unsupported("function_call (deprecated: use tool_choice)",
+                                               (None, "none", "auto"))] = None  # fmt: skip
     modalities: Annotated[list[str] | None, _Unsupported("output modalities other than text", (None, ["text"]))] = None
     audio: Annotated[dict[str, Any] | None, _Unsupported("audio output")] = None
     prediction: Annotated[dict[str, Any] | None, _Unsupported("predicted outputs")] = None
@@ -276,6 +458,54 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
+    @property
+    def tool_choice_mode(self) -> str:
+        """none, auto, required or named."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice if isinstance(self.tool_choice, str) else "named"
+
+    @property
+    def called_tools(self) -> list[str] | None:
+        """The names of the tools whose calls are read out of the output; None: the output is all content
+        (with `none` the template still sees the tools, as in vLLM)."""
+        if not self.tools or self.tool_choice_mode == "none":
+            return None
+        return [tool.function.name for tool in self.tools]
+
+    def find_constraint(self) -> Constraint | None:
+        """`required` and a named function constrain the output to calls (of any tool or of that one)."""
+        found = super().find_constraint()
+        functions = self._forced_functions()
+        if functions is None:
+            return found
+        if found is not None:
+            raise FieldError(f"{found[0]}: cannot be combined with tool_choice {self.tool_choice_mode}, which "
+                             "constrains the output to tool calls", found[0])  # fmt: skip
+        single = self.tool_choice_mode == "named" or self.parallel_tool_calls is False
+        return "tools", tool_call_constraint([(f.name, f.parameters) for f in functions], single)
+
+    def _forced_functions(self) -> list[FunctionDefinition] | None:
+        """The functions the output must call (None: it need not call any), after checking the tool fields."""
+        functions = [tool.function for tool in self.tools or []]
+        names = [f.name for f in functions]
+        duplicate = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if duplicate is not None:
+            raise FieldError(f"tools: more than one function is named {duplicate!r}", "tools")
+        mode = self.tool_choice_mode
+        if mode in ("none", "auto"):
+            return None
+        if not functions:
+            raise FieldError(f"tool_choice: {mode} needs tools to call", "tool_choice")
+        if mode == "required":
+            return functions
+        assert isinstance(self.tool_choice, NamedToolChoice)
+        name = self.tool_choice.function.name
+        if name not in names:
+            raise FieldError(f"tool_choice: no function named {name!r} in tools (there are: {', '.join(names)})",
+                             "tool_choice")  # fmt: skip
+        return [functions[names.index(name)]]
+
     def field_for(self, parameter: str) -> str:
         if parameter == "logprobs":
             return "top_logprobs"
@@ -283,7 +513,7 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
             return "max_completion_tokens"
         return parameter
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         return _conversation(self.messages)
 
 
@@ -299,7 +529,7 @@ class TokenizeRequest(_ChatTemplateFields):
             raise FieldError("give exactly one of `prompt` and `messages`", "prompt")
         return self
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         return _conversation(self.messages or [])
 
 

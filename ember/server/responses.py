@@ -71,9 +71,21 @@ class ChatLogprobs(_Response):
     content: list[TokenLogprob]
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None: only tool calls
+    tool_calls: list[ToolCall] = []  # the request's tools the model called (always a list, as in vLLM)
 
 
 class ChatChoice(_Response):

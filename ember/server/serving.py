@@ -38,6 +38,7 @@ from ember.server.errors import FieldError, ModelNotServedError
 from ember.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
 )
+from ember.server.tools import ToolCall, ToolCallParser, parse_tool_calls
 
 logger = logging.getLogger("ember")
 
@@ -52,6 +53,7 @@ class _ChoiceState:
     tokens_sent: int = 0
     text_offset: int = 0
     finished: bool = False
+    tool_calls: ToolCallParser | None = None  # when the request's tools are called in the text
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Job:
     echo: bool = False
     include_usage: bool = False
     prompt_only: bool = False  # max_tokens 0: the engine's one generated token is dropped
+    called_tools: list[str] | None = None  # chat with tools: their calls in the text become message.tool_calls
     choices: dict[int, _ChoiceState] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -114,7 +117,7 @@ class OpenAIServing:
         params = request.sampling_params()
         prompt = await self._off_loop(self._chat_prompt, request, bool(request.add_special_tokens))
         job = Job("chat.completion", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params, [prompt], [],
-                   include_usage=request.include_usage)  # fmt: skip
+                   include_usage=request.include_usage, called_tools=request.called_tools)  # fmt: skip
         return await self._start(job, arrival, request)
 
     async def _start(self, job: Job, arrival: float, request: CompletionRequest | ChatCompletionRequest) -> Job:
@@ -185,7 +188,7 @@ class OpenAIServing:
 
     def _render(self, request: ChatCompletionRequest | TokenizeRequest) -> str:
         return self.templates.render(request.conversation(), request.add_generation_prompt, request.chat_template,
-                                     request.chat_template_kwargs)  # fmt: skip
+                                     request.template_variables())  # fmt: skip
 
     def _chat_prompt(self, request: ChatCompletionRequest, add_special_tokens: bool) -> TokenizedPrompt:
         # The template writes BOS itself where the model wants one.
@@ -272,11 +275,17 @@ class OpenAIServing:
     def _full_choice(self, job: Job, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> Json:
         index = prompt_index * job.params.n + completion.index
         if job.kind == "chat.completion":
+            message: Json = {"role": "assistant", "content": completion.text}
+            finish = completion.finish_reason
+            if job.called_tools is not None:
+                content, calls = parse_tool_calls(completion.text, job.called_tools)
+                message = {"role": "assistant", "content": content, "tool_calls": [c.as_json() for c in calls]}
+                finish = _tool_finish(finish, len(calls))
             return {
                 "index": index,
-                "message": {"role": "assistant", "content": completion.text},
+                "message": message,
                 "logprobs": self._chat_logprobs(completion, 0, job.params.logprobs) if job.params.logprobs is not None else None,
-                "finish_reason": completion.finish_reason,
+                "finish_reason": finish,
                 "stop_reason": completion.stop_reason,
             }
         text = completion.text
@@ -300,7 +309,8 @@ class OpenAIServing:
         state = job.choices.get(index)
         first = state is None
         if state is None:
-            state = job.choices[index] = _ChoiceState()
+            parser = None if job.called_tools is None else ToolCallParser(job.called_tools)
+            state = job.choices[index] = _ChoiceState(tool_calls=parser)
         if state.finished:
             return None
         text = completion.delta_text
@@ -312,7 +322,12 @@ class OpenAIServing:
         finish = completion.finish_reason
         if job.kind == "chat.completion":
             logprobs = self._chat_logprobs(completion, start, job.params.logprobs) if job.params.logprobs is not None else None
-            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+            delta: Json = {"content": text} if text else {}
+            if state.tool_calls is not None:
+                delta, finish = _tool_delta(state.tool_calls, text, finish)
+                if not delta and finish is None and logprobs is None:  # all held back: nothing to say yet
+                    return None
+            return {"index": index, "delta": delta, "logprobs": logprobs,
                     "finish_reason": finish, "stop_reason": completion.stop_reason if finish else None}
         legacy = None
         if job.params.logprobs is not None:
@@ -401,6 +416,25 @@ async def _without_generated(
             for c in output.outputs
         ]
         yield index, replace(output, outputs=completions)
+
+
+def _tool_finish(finish_reason: str | None, num_calls: int) -> str | None:
+    """OpenAI's `tool_calls` when the model called tools and stopped by itself (not cut off by a limit)."""
+    return "tool_calls" if num_calls and finish_reason == "stop" else finish_reason
+
+
+def _tool_delta(parser: ToolCallParser, text: str, finish_reason: str | None) -> tuple[Json, str | None]:
+    """A streamed choice's delta with tool calls: content as it is certain, each call whole once it closes."""
+    first = parser.num_calls
+    events = parser.feed(text) + (parser.finish() if finish_reason is not None else [])
+    delta: Json = {}
+    content = "".join(e for e in events if isinstance(e, str))
+    if content:
+        delta["content"] = content
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    if calls:
+        delta["tool_calls"] = [{"index": first + i, **call.as_json()} for i, call in enumerate(calls)]
+    return delta, _tool_finish(finish_reason, parser.num_calls)
 
 
 def _empty_legacy() -> Json:
