@@ -38,11 +38,7 @@ import gzip
 import json
 import os
 import platform
-import socket
-import subprocess
-import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +50,7 @@ from ember import LLM, SamplingParams
 from ember.eval.text import load_text
 from ember.model_zoo import default_model_path, qwen25_coder_05b_path, qwen25_coder_15b_path
 from ember.tokenizer import Tokenizer
+from llama_server import LlamaServer, base_command, free_port, group_decode
 
 ZOO: dict[str, Callable[[], str]] = {
     "default": default_model_path,
@@ -298,19 +295,10 @@ class LlamaCppRunner:
 # ---------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(
     binary: str, model: str, method: Method, draft: str | None, port: int, slots: int, slot_ctx: int, ngram_n: int
 ) -> list[str]:
-    command = [
-        binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", "2", "-tb", "2", "-fa", "on",
-        "-np", str(slots), "-c", str(slots * slot_ctx), "--metrics", "--no-webui", "--cache-ram", "0",
-    ]
+    command = base_command(binary, model, port, slots, slot_ctx)
     if method.kind == "ngram":  # the last ngram_n tokens looked up in the history, the k after the match drafted
         command += ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(ngram_n),
                     "--spec-ngram-simple-size-m", str(method.k)]
@@ -327,70 +315,25 @@ def server_command(
 class LlamaServerRunner:
     """One llama-server instance: greedy /completion requests, `batch` of them concurrently."""
 
-    def __init__(self, command: list[str], port: int, timeout: float = 300) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="ember_bench_llama_server_", suffix=".log", delete=False)
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.process.returncode}: {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("llama-server did not come up")
-            time.sleep(0.3)
-
-    def _log_tail(self, lines: int = 8) -> str:
-        with open(self.log.name, errors="replace") as f:
-            return " | ".join(f.read().splitlines()[-lines:])
+    def __init__(self, command: list[str], port: int) -> None:
+        self.server = LlamaServer(command, port)
 
     def complete(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
-        body = {
-            "prompt": prompt,
-            "n_predict": max_tokens,
-            "temperature": 0.0,
-            "cache_prompt": False,
-            "return_tokens": True,
-            "stream": False,
-        }
-        request = urllib.request.Request(
-            self.url + "/completion", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=3600) as response:
-            return json.load(response)
-
-    def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
-            text = response.read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line.startswith("llamacpp:"):
-                name, value = line[len("llamacpp:") :].split()
-                values[name] = float(value)
-        return values
+        body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "return_tokens": True}
+        return self.server.complete(body)
 
     def run(self, prompts: list[list[int]], max_tokens: int, batch: int) -> Measured:
         self.complete(prompts[0], 8)  # warm-up
-        before = self.metrics()
+        before = self.server.metrics()
         decode_tokens, decode_time, outputs = 0, 0.0, []
         with ThreadPoolExecutor(batch) as pool:
             for start in range(0, len(prompts), batch):
                 results = list(pool.map(lambda p: self.complete(p, max_tokens), prompts[start : start + batch]))
-                # Each request's clock starts when its slot starts (all together here): prompt_ms to the first
-                # token, predicted_ms from there to the last. The group decodes from its first first token on.
-                timings = [r["timings"] for r in results]
-                begin = min(t["prompt_ms"] for t in timings)
-                end = max(t["prompt_ms"] + t["predicted_ms"] for t in timings)
-                decode_time += (end - begin) / 1000
-                decode_tokens += sum(max(t["predicted_n"] - 1, 0) for t in timings)
+                seconds, tokens = group_decode(results)
+                decode_time += seconds
+                decode_tokens += tokens
                 outputs.extend(list(r["tokens"]) for r in results)
-        after = self.metrics()
+        after = self.server.metrics()
 
         def delta(name: str) -> int:
             return int(after.get(name, 0) - before.get(name, 0))
@@ -404,15 +347,7 @@ class LlamaServerRunner:
         )
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        os.unlink(self.log.name)
+        self.server.close()
 
 
 # ---------------------------------------------------------------------------------------------------
