@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from ember.kernels import build
 from ember.kernels import quant_linear as ql
 
-needs_kernel = pytest.mark.skipif(ql.quant_module() is None, reason="no avx512_vnni CPU or compiler here")
+needs_kernel = pytest.mark.skipif(
+    ql.quant_module() is None, reason="no AVX-512 VNNI or AVX2 CPU, or no compiler here"
+)
 
 GROUPS = [16, 32, 64, 128, None]  # None: per output channel (g = K)
 
@@ -120,6 +127,38 @@ def test_kernel_bf16_input_and_output(kind, scale_dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_kernel_dots_are_exact_at_the_code_extremes(kind, sign):
+    """The largest codes times the largest activations, where an AVX2 int16 pair sum would saturate if the
+    operands were not arranged for it: with x = +-127 (quantized exactly) and power-of-two scales, y is exact."""
+    n, k, g = 40, 256, 32
+    scales = torch.full((n, k // g), 2.0**-6)
+    if kind == "int4":
+        packed = ql.pack_int4(torch.full((n, k), 15, dtype=torch.uint8), scales, torch.zeros_like(scales), g)
+        w = 15 * 2.0**-6
+    else:
+        packed = ql.pack_int8(torch.full((n, k), -128, dtype=torch.int8), scales, g)
+        w = -128 * 2.0**-6
+    x = torch.full((3, k), 127.0 * sign)
+    for precise in (True, False):
+        y = ql.quant_linear(x, packed, out_dtype=torch.float32, precise=precise)
+        assert torch.equal(y, torch.full((3, n), 127.0 * sign * w * k))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_kernel_bf16_output_is_the_rounded_fp32_output(kind):
+    """bf16 output is the fp32 accumulator rounded to nearest even, as torch rounds (also with AVX2's integer
+    rounding); a row count not a multiple of 16 exercises the partial stores."""
+    packed, _ = make_weight(kind, 77, 256, 32)
+    x = torch.randn(5, 256) * 1e3
+    bias = torch.randn(77)
+    fp32 = ql.quant_linear(x, packed, bias, out_dtype=torch.float32)
+    assert torch.equal(ql.quant_linear(x, packed, bias, out_dtype=torch.bfloat16), fp32.bfloat16())
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("rows", [1, 8, 64])
 def test_fallback_matches_kernel(kind, rows, monkeypatch):
     packed, w = make_weight(kind, 100, 512, 64)
@@ -203,3 +242,22 @@ def test_scales_that_do_not_factor_stay_float():
     packed = ql.pack_int4(codes, scales, offsets, g)
     assert packed.scales.dtype == torch.float32 and packed.scale_d is None
     assert torch.equal(ql.unpack(packed), codes.float() * scales.repeat_interleave(g, 1) + offsets.repeat_interleave(g, 1))
+
+
+@pytest.mark.skipif(
+    not (build.cpu_supports("avx512_vnni avx512bw avx512vl") and build.cpu_supports("avx2 fma f16c"))
+    or build.target_arch() != "native",
+    reason="the native build already is the AVX2 path here (or this run is the AVX2 run)",
+)
+def test_avx2_path_passes_the_kernel_tests():
+    """On an AVX-512 CPU the native build takes the VNNI path; an x86-64-v3 build of the same source takes the AVX2
+    path, which CPUs without AVX-512 run. This file's kernel tests run against that build in a child process."""
+    env = {**os.environ, "EMBER_KERNEL_MARCH": "x86-64-v3"}
+    probe = "from ember.kernels import quant_linear as ql; assert ql.quant_module() is not None"
+    subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel and not avx2_path", __file__],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]

@@ -35,7 +35,7 @@ from ember.model_zoo import cache_dir
 
 logger = logging.getLogger("ember")
 
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 _WAIT_LOG_EVERY_S = 30.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -52,10 +52,25 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def target_arch() -> str:
+    """The -march kernels are built for: native, or EMBER_KERNEL_MARCH (x86-64-v3 builds the AVX2 paths on an
+    AVX-512 CPU, so both are tested on one machine)."""
+    return os.environ.get("EMBER_KERNEL_MARCH", "native")
+
+
+def cpu_supports(required: str | tuple[str, ...]) -> bool:
+    """`required`: one CPU feature set ("avx2 fma f16c": every flag of /proc/cpuinfo named), or a tuple of
+    alternative sets (a kernel with an AVX-512 and an AVX2 path), any one of which suffices."""
+    flags = _cpu_flags()
+    alternatives = (required,) if isinstance(required, str) else required
+    return any(set(alternative.split()) <= flags for alternative in alternatives)
+
+
 @cache
-def load_kernel(name: str, required_cpu_flag: str) -> ModuleType | None:
-    """Build (or load the cached build of) ember/kernels/{name}.cpp as module `ember_{name}`."""
-    if os.environ.get("EMBER_DISABLE_KERNELS") == "1" or required_cpu_flag not in _cpu_flags():
+def load_kernel(name: str, required_cpu_flags: str | tuple[str, ...]) -> ModuleType | None:
+    """Build (or load the cached build of) ember/kernels/{name}.cpp as module `ember_{name}`, on a CPU with
+    `required_cpu_flags` (see `cpu_supports`); the source picks its code path from the -march macros."""
+    if os.environ.get("EMBER_DISABLE_KERNELS") == "1" or not cpu_supports(required_cpu_flags):
         return None
     try:
         return _build_or_load(name)
@@ -70,8 +85,9 @@ def _build_or_load(name: str) -> ModuleType:
     source = os.path.join(os.path.dirname(__file__), f"{name}.cpp")
     with open(source, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
-    # One directory per source version: two checkouts (or versions) of ember never rebuild each other's.
-    build_dir = os.path.join(cache_dir(), "kernels", f"{name}-{digest}")
+    # One directory per source version and target: two checkouts (or versions) never rebuild each other's.
+    arch = target_arch()
+    build_dir = os.path.join(cache_dir(), "kernels", f"{name}-{digest}" + ("" if arch == "native" else f"-{arch}"))
     module_path = os.path.join(build_dir, f"ember_{name}.so")
     if not os.path.exists(module_path):
         os.makedirs(build_dir, exist_ok=True)
@@ -148,7 +164,8 @@ def build_in_child(argv: list[str]) -> None:
     _die_with_parent(int(parent_pid))
     from torch.utils.cpp_extension import load
 
-    load(name=f"ember_{name}", sources=[source], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+    cflags = [*CFLAGS, f"-march={target_arch()}"]
+    load(name=f"ember_{name}", sources=[source], extra_cflags=cflags, extra_ldflags=LDFLAGS,
          build_directory=directory, verbose=False)
 
 

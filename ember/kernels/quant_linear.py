@@ -25,14 +25,15 @@ so the PyTorch fallback and checkpoints use the same tensors):
   int8 1.125 fp32 / 1.0625 fp16 (Q8_0, Q5_0) / 1.078 Q6_K-factored (g=16; 1.25 as fp32).
   (Gemma 3 270M's hidden size 640 is not a multiple of 256, so GGUF files fall back to Q5_0/Q8_0 there.)
 
-Kernel (quant_linear.cpp, AVX-512 VNNI `vpdpbusd`): activations are quantized per row and per group, and
-each group's dot product is exact int32, scaled once per group in fp32.
+Kernel (quant_linear.cpp, AVX-512 VNNI `vpdpbusd`, or AVX2 `vpmaddubsw` + `vpmaddwd` on CPUs without AVX-512):
+activations are quantized per row and per group, and each group's dot product is exact int32 (on both paths,
+so they agree), scaled once per group in fp32.
   * precise=True (default): x ~= xs * (256 hi + lo), two int8 parts, ~16 bits per group: y matches
     x @ unpack(W).T to ~1e-5 relative (tested bound), which the quantized layers' tests rely on.
   * precise=False: int8 activations (hi only), llama.cpp-style, ~0.5% relative error, half the dot work.
 
-Routing and crossovers (bench/bench_quant_kernels.py; CPU shared with other jobs during development, so
-numbers are per-core CPU time, best of repeats, Gemma 3 270M shapes, int4/int8 g=32):
+Routing and crossovers (bench/bench_quant_kernels.py, the AVX-512 path; CPU shared with other jobs during
+development, so numbers are per-core CPU time, best of repeats, Gemma 3 270M shapes, int4/int8 g=32):
   * M <= 4: memory-bound, 28-35 GB/s of packed bytes per core; precise costs little. LM head
     262144x640 int4 g32 fp32 scales (126 MB): 3.9-4.5 ms on one core (bf16 F.linear 20 ms, torch
     int4pack g128 6.2 ms, int8pack 10 ms); 2 threads are bounded by ~48 GB/s, i.e. ~2.6 ms. With RTN's
@@ -44,7 +45,7 @@ numbers are per-core CPU time, best of repeats, Gemma 3 270M shapes, int4/int8 g
   * M = 512 (prefill): int8 activations beat oneDNN bf16 F.linear (gate_up 4.0 vs 5.3 ms, down 2.3 vs
     2.6 ms per core) and dequantize-whole-weight-then-F.linear (9.8 ms, mostly the dequantization);
     precise is 1.5-2.3x bf16 there. There is no crossover to a dequantize route on these shapes, so every
-    CPU batch size goes to the kernel; the PyTorch route is only the fallback (no AVX-512 VNNI, no
+    CPU batch size goes to the kernel; the PyTorch route is only the fallback (neither AVX-512 VNNI nor AVX2, no
     compiler, non-CPU tensors, EMBER_DISABLE_KERNELS=1): exact in float32, slow.
   * Threads: at::parallel_for over 64-row blocks, one thread below MIN_TASK_BYTES (256 KB) of weights per
     task; cold 640x1536 int4 (0.74 MB) takes ~20 us on 2 threads vs ~35 us on one.
@@ -326,8 +327,12 @@ def _gather_codes(packed: Packed, tile: torch.Tensor, lane: torch.Tensor) -> tor
     return q.reshape(len(tile), k).to(torch.float32)
 
 
+# AVX-512 VNNI (and BW, VL, which every VNNI CPU has), or AVX2 with FMA and F16C (x86-64-v3).
+KERNEL_CPU_FLAGS = ("avx512_vnni avx512bw avx512vl", "avx2 fma f16c")
+
+
 def quant_module() -> ModuleType | None:
-    return load_kernel("quant_linear", "avx512_vnni")
+    return load_kernel("quant_linear", KERNEL_CPU_FLAGS)
 
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
