@@ -112,8 +112,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "$defs": {
             "node": {
                 "type": "object",
+                # Optional children: a required list of up to two is a branching process that a model sampled
+                # at temperature 1 may never end (within max_tokens), and no constraint can stop that.
                 "properties": {"value": {"type": "integer", "minimum": 0, "maximum": 9}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
-                "required": ["value", "children"],
+                "required": ["value"],
                 "additionalProperties": False,
             }
         },
