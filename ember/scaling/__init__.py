@@ -6,13 +6,15 @@ from ember.scaling.best_of_n import BestOfN, best_of_n
 from ember.scaling.early_stop import FIRST_FINISH, EarlyStop
 from ember.scaling.reward_model import RewardModel
 from ember.scaling.sampling import Samples, sample
-from ember.scaling.selection import BatchScorer, Scorer, ScorerError, mean_logprob, score_all, total_logprob
+from ember.scaling.selection import (
+    BatchScorer, Scorer, ScorerError, best_index, mean_logprob, score_all, total_logprob,
+)  # fmt: skip
 from ember.scaling.self_consistency import Tally, Vote, majority_vote, regex_extractor, self_consistency
 from ember.scaling.verifier import CodeVerifier, SandboxLimits, SandboxResult, extract_code, run_sandboxed
 
 __all__ = [
     "Accounting", "BatchScorer", "BestOfN", "CodeVerifier", "EarlyStop", "FIRST_FINISH", "RewardModel",
-    "SandboxLimits", "SandboxResult", "Samples", "Scorer", "ScorerError", "Tally", "Vote", "best_of_n",
+    "SandboxLimits", "SandboxResult", "Samples", "Scorer", "ScorerError", "Tally", "Vote", "best_index", "best_of_n",
     "extract_code", "majority_vote", "mean_logprob", "regex_extractor", "run_sandboxed", "sample", "score_all",
     "self_consistency", "total_logprob",
 ]  # fmt: skip

@@ -49,7 +49,7 @@ def score_all(scorer: Scorer, prompt: str, completions: Sequence[CompletionOutpu
     if isinstance(scorer, BatchScorer):
         scores = guarded(lambda: scorer.score_batch(prompt, completions), f"scorer {name} (score_batch)")
         if len(scores) != len(completions):
-            raise ScorerError(f"scorer {name}: {len(scores)} scores from score_batch for {len(completions)} completions")
+            raise ScorerError(f"scorer {name}: score_batch gave {len(scores)} scores, not {len(completions)}")
     else:
         scores = [guarded(lambda c=c: scorer(prompt, c), f"scorer {name} on completion {c.index}") for c in completions]
     return [_number(s, name) for s in scores], time.perf_counter() - start

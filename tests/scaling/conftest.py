@@ -3,6 +3,8 @@ lengths (a random model rarely samples EOS, so any of 40 token ids ends a sample
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from ember import LLM, SamplingParams
@@ -21,3 +23,9 @@ def params() -> SamplingParams:
 @pytest.fixture(scope="package")
 def prompt() -> str:
     return "The quick brown fox"
+
+
+@pytest.fixture(scope="package")
+def short(params: SamplingParams) -> SamplingParams:
+    """For tests where the samples' lengths do not matter."""
+    return replace(params, max_tokens=6)
