@@ -26,6 +26,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"; None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     delta_text: str = ""  # text added since the previous output of this step loop (for streaming)
+    score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
 
     def finished(self) -> bool:
         return self.finish_reason is not None

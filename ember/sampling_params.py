@@ -120,3 +120,45 @@ def _is_number(value: object) -> bool:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise InvalidRequestError(message)
+
+
+_MAX_BEAM_WIDTH = 64
+
+
+@dataclass
+class BeamSearchParams:
+    """Beam search (vLLM's `BeamSearchParams` names; Hugging Face transformers' `generate(num_beams=...)`
+    semantics): each step keeps the `beam_width` best continuations of all beams by summed log-probability; a
+    finished hypothesis scores sum of logprobs / generated_length ** length_penalty (the prompt not counted)."""
+
+    beam_width: int
+    """Beams kept per step, and hypotheses returned (best first)."""
+    max_tokens: int
+    """Most tokens generated per hypothesis."""
+    ignore_eos: bool = False
+    """End-of-sequence tokens are ordinary tokens: every hypothesis runs to max_tokens."""
+    temperature: float = 0.0
+    """Scales the logits before the log-softmax (0 and 1: the model's own log-probabilities). Beam search is
+    deterministic either way."""
+    length_penalty: float = 1.0
+    """Exponent of the generated length that divides a finished hypothesis's summed log-probability."""
+    early_stopping: bool | str = False
+    """True: stop once beam_width hypotheses are finished; False: also stop when no running beam can
+    still beat the worst finished one by the current-length estimate; "never": that estimate uses
+    max_tokens when length_penalty > 0 (transformers' three modes)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.beam_width, int) and 1 <= self.beam_width <= _MAX_BEAM_WIDTH,
+            f"beam_width must be an integer in [1, {_MAX_BEAM_WIDTH}], got {self.beam_width!r}",
+        )
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            f"max_tokens must be a positive integer, got {self.max_tokens!r}",
+        )
+        _check(_is_number(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
+        _check(_is_number(self.length_penalty), f"length_penalty must be a number, got {self.length_penalty!r}")
+        _check(
+            self.early_stopping in (True, False, "never"),
+            f'early_stopping must be true, false or "never", got {self.early_stopping!r}',
+        )

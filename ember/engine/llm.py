@@ -12,7 +12,7 @@ from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine
 from ember.errors import InvalidRequestError
 from ember.outputs import RequestOutput
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import BeamSearchParams, SamplingParams
 from ember.tokenizer import Tokenizer
 
 PromptInput = str | Sequence[int] | dict[str, Any]
@@ -47,6 +47,20 @@ class LLM:
                 self.engine.structured.submit(params.structured_outputs)
         request_ids = []
         for prompt, params in zip(processed, params_list):
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, prompt, params)
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
+
+    def beam_search(
+        self, prompts: PromptInput | Sequence[PromptInput], params: BeamSearchParams, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
+        """Beam search for every prompt, run inside the engine: the beams of a prompt share its KV blocks
+        and batch with each other and with other requests. Each output holds `beam_width` hypotheses,
+        best score first (`CompletionOutput.score`)."""
+        processed = [self.engine.process_prompt(_prompt_value(p)) for p in _as_prompt_list(prompts)]
+        request_ids = []
+        for prompt in processed:
             request_id = str(next(self._ids))
             self.engine.add_request(request_id, prompt, params)
             request_ids.append(request_id)

@@ -9,16 +9,18 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from ember.config import EngineConfig, ModelConfig, resolve_dtype
+from ember.engine.beam_search import BeamSearch
 from ember.engine.block_manager import KVCacheManager
 from ember.engine.output_processor import OutputProcessor
 from ember.engine.request import FinishReason, Request
 from ember.engine.scheduler import Scheduler
+from ember.engine.sequence_group import SequenceGroup
 from ember.errors import InvalidRequestError
 from ember.loader.model_loader import load_model, resolve_model
 from ember.model_zoo import default_model_path
 from ember.outputs import RequestOutput
 from ember.quant.config import QuantConfig
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import BeamSearchParams, SamplingParams
 from ember.spec.build import check_skip_layers, draft_kv_cache, draft_model_source, make_proposer
 from ember.spec.config import SpeculativeConfig
 from ember.structured.backend import StructuredOutputBackend
@@ -95,30 +97,25 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: str | Sequence[int] | TokenizedPrompt,
-        params: SamplingParams | None = None,
+        params: SamplingParams | BeamSearchParams | None = None,
         arrival_time: float | None = None,
     ) -> None:
         """Queue a prompt (text, token ids, or already processed). Raises InvalidRequestError before
         changing any state. `arrival_time` (time.monotonic) defaults to now; a server passes when the
-        HTTP request came in, so queue time and TTFT include its wait before reaching the engine."""
+        HTTP request came in, so queue time and TTFT include its wait before reaching the engine.
+        With BeamSearchParams the request is a beam search; its one output, when finished, holds the
+        beam_width best hypotheses, best first."""
         params = params or SamplingParams()
         text, token_ids = prompt if isinstance(prompt, TokenizedPrompt) else self.process_prompt(prompt)
         if request_id in self.output_processor.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if isinstance(params, BeamSearchParams):
+            self._add_beam_search(request_id, TokenizedPrompt(text, token_ids), params, arrival_time)
+            return
         self._check_token_ids(params)
         if params.structured_outputs is not None:  # compiled (or found in the cache) before anything is queued
             self.structured.compile(params.structured_outputs)
-        limit = self.max_model_len if params.max_tokens is None else len(token_ids) + params.max_tokens
-        if limit > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit "
-                f"(max_model_len) of {self.max_model_len} tokens; lower max_tokens"
-            )
-        if not self.kv_manager.can_ever_fit(limit, self.config.max_num_batched_tokens):
-            raise InvalidRequestError(
-                f"request needs up to {limit} tokens of KV cache, but the cache holds only "
-                f"{self.kv_manager.capacity_tokens}; lower max_tokens or raise kv_cache_memory"
-            )
+        limit = self._check_length(len(token_ids), params.max_tokens)
         children = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
@@ -142,6 +139,40 @@ class LLMEngine:
         # Siblings fork off the first one once its prompt is computed, sharing its KV blocks.
         children[0].pending_forks = children[1:]
         self.scheduler.add(children[0])
+
+    def _add_beam_search(
+        self, request_id: str, prompt: TokenizedPrompt, beam: BeamSearchParams, arrival_time: float | None
+    ) -> None:
+        """One sequence to start with; its group forks and prunes the beams (sequence_group.py)."""
+        if self.speculative_config is not None:
+            raise InvalidRequestError("beam search does not run with speculative decoding (speculative_config)")
+        limit = self._check_length(len(prompt.token_ids), beam.max_tokens)
+        # The group decides every token: the sequence itself never stops on EOS or samples.
+        params = SamplingParams(temperature=beam.temperature, max_tokens=beam.max_tokens, ignore_eos=True)
+        group = SequenceGroup(request_id, BeamSearch(beam, self.eos_token_ids))
+        first = Request(
+            request_id=request_id, prompt=prompt.text, prompt_token_ids=prompt.token_ids, params=params,
+            max_total_len=limit, seed=0, eos_token_ids=self.eos_token_ids, parent_id=request_id,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(), group=group,
+        )  # fmt: skip
+        group.add_member(first)
+        self.output_processor.add_group(request_id, group, first)
+        self.scheduler.add(first)
+
+    def _check_length(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The request's last position (prompt + max_tokens, or the context limit), checked to fit."""
+        limit = self.max_model_len if max_tokens is None else prompt_len + max_tokens
+        if limit > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context limit "
+                f"(max_model_len) of {self.max_model_len} tokens; lower max_tokens"
+            )
+        if not self.kv_manager.can_ever_fit(limit, self.config.max_num_batched_tokens):
+            raise InvalidRequestError(
+                f"request needs up to {limit} tokens of KV cache, but the cache holds only "
+                f"{self.kv_manager.capacity_tokens}; lower max_tokens or raise kv_cache_memory"
+            )
+        return limit
 
     def process_prompt(self, prompt: str | Sequence[int]) -> TokenizedPrompt:
         """Tokenize and check a prompt against the vocabulary and the context limit."""

@@ -1,5 +1,6 @@
 """Turns a step's request updates into RequestOutputs: n > 1 completions gathered under the user's request
-id, streamed text held back while it may still become a stop string, token strings for logprobs."""
+id, streamed text held back while it may still become a stop string, token strings for logprobs; a beam
+search's hypotheses once its group is done."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 
 from ember.engine.request import Request
 from ember.engine.scheduler import RequestUpdate
+from ember.engine.sequence_group import SequenceGroup
 from ember.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ember.tokenizer import Tokenizer
 
@@ -14,7 +16,8 @@ from ember.tokenizer import Tokenizer
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.requests: dict[str, list[Request]] = {}  # user request id -> its n sequences
+        self.requests: dict[str, list[Request]] = {}  # user request id -> its n sequences (a group: the first)
+        self.groups: dict[str, SequenceGroup] = {}  # user request id -> its beam search
         self._emitted: dict[str, int] = {}  # chars of output_text already streamed, by sequence id
 
     def add(self, parent_id: str, children: list[Request]) -> None:
@@ -22,8 +25,16 @@ class OutputProcessor:
         for child in children:
             self._emitted[child.request_id] = 0
 
+    def add_group(self, parent_id: str, group: SequenceGroup, first: Request) -> None:
+        self.requests[parent_id] = [first]
+        self.groups[parent_id] = group
+
     def pop(self, parent_id: str) -> list[Request]:
+        """Forget the request; returns its live sequences."""
         children = self.requests.pop(parent_id, [])
+        group = self.groups.pop(parent_id, None)
+        if group is not None:
+            return list(group.members)
         for child in children:
             self._emitted.pop(child.request_id, None)
         return children
@@ -33,7 +44,39 @@ class OutputProcessor:
         for update in updates:
             self._decode_logprobs(update)
             touched[update.request.parent_id] = None
-        return [self._make_output(parent) for parent in touched if parent in self.requests]
+        outputs = []
+        for parent in touched:
+            group = self.groups.get(parent)
+            if group is not None:
+                if group.result is not None:
+                    outputs.append(self._group_output(parent, group))
+            elif parent in self.requests:
+                outputs.append(self._make_output(parent))
+        return outputs
+
+    def _group_output(self, parent_id: str, group: SequenceGroup) -> RequestOutput:
+        first = self.requests[parent_id][0]
+        self.pop(parent_id)
+        assert group.result is not None
+        completions = [
+            CompletionOutput(
+                index=rank,
+                text=self.tokenizer.decode(hypothesis.token_ids, skip_special_tokens=True),
+                token_ids=hypothesis.token_ids,
+                cumulative_logprob=hypothesis.cumulative_logprob,
+                finish_reason=hypothesis.finish_reason,
+                score=hypothesis.score,
+            )
+            for rank, hypothesis in enumerate(group.result)
+        ]
+        return RequestOutput(
+            request_id=parent_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=completions,
+            finished=True,
+            metrics=RequestMetrics(first.arrival_time, first.first_scheduled_time, first.first_token_time, time.monotonic()),
+        )
 
     def _decode_logprobs(self, update: RequestUpdate) -> None:
         request = update.request

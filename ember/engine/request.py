@@ -5,11 +5,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ember.engine.block_manager import block_hashes
 from ember.outputs import PositionLogprobs
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from ember.engine.sequence_group import SequenceGroup
 
 
 class RequestStatus(enum.Enum):
@@ -56,6 +60,8 @@ class Request:
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    group: SequenceGroup | None = None  # beam search: the group that forks, prunes and extends this sequence
+    pending_token_ids: list[int] = field(default_factory=list)  # appended by the group, not yet sent to the runner
 
     @property
     def all_token_ids(self) -> list[int]:

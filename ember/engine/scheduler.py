@@ -9,7 +9,8 @@ is preempted: its blocks are freed and it goes back to the front of the waiting 
 
 `schedule()` returns plain data for the model runner (which keeps its own copy of each request's state);
 `update_from_output()` is the one place a step's results are applied: tokens appended, rejected drafts
-rolled back, verified blocks registered in the prefix cache, stop conditions checked, requests finished.
+rolled back, verified blocks registered in the prefix cache, stop conditions checked, requests finished,
+and sequence groups (beam search) advanced: members forked, extended and pruned.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from ember.engine.beam_search import Candidates
 from ember.engine.block_manager import KVCacheManager
 from ember.engine.request import FinishReason, Request, RequestStatus
+from ember.engine.sequence_group import SequenceGroup
 from ember.engine.stop import check_stop
 from ember.outputs import PositionLogprobs
 from ember.sampling_params import SamplingParams
@@ -36,6 +39,16 @@ class NewRequestData:
     params: SamplingParams
     seed: int
     eos_token_ids: list[int]
+    num_candidates: int = 0  # > 0: a sequence-group member; its rows return this many candidates, not a sample
+
+
+@dataclass
+class ForkedRequestData:
+    """A sequence-group member forked off another at the parent's current tokens (as the runner knows them);
+    its first `new_token_ids` come with its ScheduledRequest."""
+
+    request_id: str
+    parent_id: str
 
 
 @dataclass
@@ -53,6 +66,7 @@ class ScheduledRequest:
     num_new_tokens: int  # tokens computed this step, drafts included
     block_ids: list[list[int]]  # per layer group, the request's whole block table (a copy)
     spec_token_ids: list[int] = field(default_factory=list)  # drafts appended after the request's tokens
+    new_token_ids: list[int] = field(default_factory=list)  # appended by its group since the runner last saw it
     forks: list[ForkData] = field(default_factory=list)
     samples: bool = False  # the chunk reaches the end of the request's tokens: sample (and verify drafts)
     draft: bool = True  # propose drafts after this step (off while the request backs off)
@@ -61,6 +75,7 @@ class ScheduledRequest:
 @dataclass
 class SchedulerOutput:
     new_requests: list[NewRequestData] = field(default_factory=list)
+    forked: list[ForkedRequestData] = field(default_factory=list)  # applied first: parents may be dropped
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     dropped_request_ids: list[str] = field(default_factory=list)  # finished or preempted since the last step
     block_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (group, source, destination)
@@ -124,6 +139,7 @@ class Scheduler:
         self._pending_copies: list[tuple[int, int, int]] = []
         self._dropped: list[str] = []
         self._forking: dict[str, list[Request]] = {}  # parent id -> siblings forking off it this step
+        self._forked: list[ForkedRequestData] = []  # group members forked since the last step
 
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -135,15 +151,20 @@ class Scheduler:
     # -- schedule ---------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(block_copies=self._pending_copies)
-        self._pending_copies = []
+        out = SchedulerOutput(block_copies=self._pending_copies, forked=self._forked)
+        self._pending_copies, self._forked = [], []
         budget = self.max_num_batched_tokens
         budget, preempted = self._schedule_running(out, budget)
         if not preempted:
             self._schedule_waiting(out, budget)
+        while not out.scheduled and self.waiting and self._preempt_parked():
+            self._schedule_waiting(out, budget)
         if self.disable_by_batch_size is not None and len(out.scheduled) > self.disable_by_batch_size:
             for item in out.scheduled:
                 item.draft = False
+        if out.is_empty():  # the runner does not run: what it must learn waits for the next step
+            self._pending_copies, self._forked = out.block_copies, out.forked
+            return SchedulerOutput()
         out.dropped_request_ids, self._dropped = self._dropped, []
         return out
 
@@ -152,6 +173,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.group is not None and request.group.awaits_selection(request):
+                index += 1
+                continue
             num_new = min(request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens, budget)
             slots = self._slots(request, request.num_computed_tokens, num_new)
             while not self.kv.allocate(request.request_id, request.num_computed_tokens, slots):
@@ -168,8 +192,12 @@ class Scheduler:
         return budget, preempted
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+        active = self._num_active()
+        for request in list(self.waiting):
+            if budget <= 0 or active >= self.max_num_seqs:
+                break
+            if request.group is not None and request.group.awaits_selection(request):
+                continue  # preempted after its candidates: it recomputes once its group has chosen
             hashes = request.update_block_hashes(self.kv.block_size)
             computed, num_cached = self.kv.computed_blocks(hashes, request.all_token_ids)
             num_new = min(request.num_tokens - num_cached, budget)
@@ -177,10 +205,12 @@ class Scheduler:
             if not self.kv.allocate(request.request_id, num_cached, slots, computed):
                 break
             self.kv.record_lookup(request.num_tokens, num_cached)
-            self.waiting.popleft()
+            self.waiting.remove(request)
+            active += 1
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             request.spec_token_ids = []
+            request.pending_token_ids = []  # the runner gets every output token below
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
@@ -188,10 +218,27 @@ class Scheduler:
                 NewRequestData(
                     request.request_id, list(request.prompt_token_ids), list(request.output_token_ids),
                     request.params, request.seed, request.eos_token_ids,
+                    request.group.num_candidates if request.group is not None else 0,
                 )
             )
             self._add(out, request, num_new)
             budget -= num_new
+
+    def _preempt_parked(self) -> bool:
+        """Free the blocks of the most recently admitted group member that waits for its group's choice (it
+        keeps its candidates), when nothing else can run: groups whose members wait for blocks that parked
+        members hold would otherwise wait for each other forever."""
+        parked = next((r for r in reversed(self.running) if r.group is not None and r.group.awaits_selection(r)), None)
+        if parked is None:
+            return False
+        self._preempt(parked)
+        return True
+
+    def _num_active(self) -> int:
+        """Running sequences that compute in the next step: a group member waiting for its group's choice
+        keeps its KV blocks but not a seat (max_num_seqs), or groups could hold every seat waiting for
+        members that cannot be admitted."""
+        return sum(1 for r in self.running if r.group is None or not r.group.awaits_selection(r))
 
     def _slots(self, request: Request, num_computed: int, num_new: int) -> int:
         """KV slots past `num_computed` a step needs: its tokens, plus the drafter's lookahead (up to the
@@ -208,9 +255,11 @@ class Scheduler:
             num_new,
             [list(table) for table in self.kv.block_tables(request.request_id)],
             spec_token_ids=request.spec_token_ids[: max(0, num_new - real)],
+            new_token_ids=request.pending_token_ids,
             samples=num_new >= real,
-            draft=request.spec_skip == 0,
+            draft=request.spec_skip == 0 and request.group is None,
         )
+        request.pending_token_ids = []
         if item.samples and not request.output_token_ids and request.pending_forks:
             self._forking[request.request_id] = request.pending_forks
             item.forks = [ForkData(child.request_id, child.seed) for child in request.pending_forks]
@@ -222,6 +271,7 @@ class Scheduler:
         self.kv.free(request.request_id)
         request.num_computed_tokens = 0
         request.spec_token_ids = []
+        request.pending_token_ids = []  # a group member keeps its candidates: they depend only on its tokens
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self._dropped.append(request.request_id)
@@ -233,6 +283,7 @@ class Scheduler:
         """Apply one step's results: per scheduled request (and each sibling forked off it), the new
         tokens, in order. Returns what changed in each request that advanced."""
         updates: list[RequestUpdate] = []
+        groups: dict[str, SequenceGroup] = {}
         for item in out.scheduled:
             request = self.requests.get(item.request_id)
             if request is None or request.is_finished:
@@ -250,6 +301,10 @@ class Scheduler:
                 _back_off(request, accepted=len(item.spec_token_ids) - rejected)
             for child in self._forking.pop(item.request_id, []):  # before the parent may finish and free blocks
                 updates.extend(self._fork(request, child, result))
+            candidates = result.candidates.get(item.request_id)
+            if request.group is not None and candidates is not None:
+                request.group.candidates[request.request_id] = candidates
+                groups[request.group.group_id] = request.group
             new = self._append_tokens(request, tokens, result.logprobs[row] if row is not None else None)
             if not request.is_finished:
                 if rejected:  # the table then covers what a step without drafts would hold (+ lookahead)
@@ -258,7 +313,65 @@ class Scheduler:
                 if row is not None:
                     self._set_drafts(request, result.spec_token_ids[row])
             updates.append(RequestUpdate(request, new))
+        for group in groups.values():
+            if group.ready():
+                updates.extend(self._advance_group(group))
         return updates
+
+    # -- sequence groups --------------------------------------------------------------------------
+
+    def _advance_group(self, group: SequenceGroup) -> list[RequestUpdate]:
+        """Apply the group's selection: fork the members chosen more than once (before any member grows,
+        so a child copies its parent's tokens as they are), extend each chosen one by its token, prune the
+        rest. When the search is done every member is finished; the group holds the result."""
+        members = list(group.members)
+        step = group.select()
+        if step.done:
+            for member in members:
+                self.finish(member, FinishReason.STOP)
+            return [RequestUpdate(members[0], [])]
+        used: set[int] = set()
+        chosen = []
+        for continuation in step.continuations:
+            parent = members[continuation.beam]
+            chosen.append(parent if continuation.beam not in used else self._fork_member(parent, group.child_id()))
+            used.add(continuation.beam)
+        for member, continuation in zip(chosen, step.continuations):
+            member.output_token_ids.append(continuation.token_id)
+            if member.status == RequestStatus.RUNNING:  # else it is re-admitted with all its tokens
+                member.pending_token_ids.append(continuation.token_id)
+            if member.first_token_time is None:
+                member.first_token_time = time.monotonic()
+        for index, member in enumerate(members):
+            if index not in used:
+                self.finish(member, FinishReason.ABORT)
+        group.replace_members(chosen, [c.cumulative_logprob for c in step.continuations])
+        return [RequestUpdate(member, [c.token_id]) for member, c in zip(chosen, step.continuations)]
+
+    def _fork_member(self, parent: Request, child_id: str) -> Request:
+        """A copy of `parent` sharing its KV blocks; with no room (blocks or sequences), it waits and
+        recomputes its tokens when admitted (prefix-cache hits make that cheap)."""
+        child = Request(
+            request_id=child_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids, params=parent.params,
+            max_total_len=parent.max_total_len, seed=parent.seed, eos_token_ids=parent.eos_token_ids,
+            parent_id=parent.parent_id, index=parent.index, arrival_time=parent.arrival_time,
+            first_scheduled_time=parent.first_scheduled_time, first_token_time=parent.first_token_time,
+            output_token_ids=list(parent.output_token_ids), block_hashes=list(parent.block_hashes),
+            group=parent.group,
+        )  # fmt: skip
+        self.requests[child_id] = child
+        copies = None
+        if parent.status == RequestStatus.RUNNING and self._num_active() < self.max_num_seqs:
+            copies = self.kv.fork(parent.request_id, child_id, parent.num_computed_tokens)
+        if copies is None:
+            self.waiting.appendleft(child)
+            return child
+        self._pending_copies.extend(copies)
+        self._forked.append(ForkedRequestData(child_id, parent.request_id))
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
+        return child
 
     def _fork(self, parent: Request, child: Request, result: ModelRunnerOutput) -> list[RequestUpdate]:
         """Give `child` the parent's prompt blocks and its first token; with no room, it computes its own

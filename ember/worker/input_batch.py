@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ember.engine.scheduler import ForkData, NewRequestData, ScheduledRequest
+from ember.engine.scheduler import ForkData, ForkedRequestData, NewRequestData, ScheduledRequest
 from ember.sampling_params import SamplingParams
 
 
@@ -19,6 +19,7 @@ class CachedRequestState:
     eos_token_ids: list[int]
     num_computed_tokens: int = 0
     block_ids: list[list[int]] = field(default_factory=list)  # per layer group
+    num_candidates: int = 0  # > 0: return this many next-token candidates instead of sampling
 
     @property
     def num_tokens(self) -> int:
@@ -47,7 +48,8 @@ class InputBatch:
 
     def add(self, new: NewRequestData) -> CachedRequestState:
         state = CachedRequestState(
-            new.request_id, new.prompt_token_ids, list(new.output_token_ids), new.params, new.seed, new.eos_token_ids
+            new.request_id, new.prompt_token_ids, list(new.output_token_ids), new.params, new.seed, new.eos_token_ids,
+            num_candidates=new.num_candidates,
         )
         self.states[new.request_id] = state
         return state
@@ -61,8 +63,19 @@ class InputBatch:
         self.states[fork.request_id] = state
         return state
 
+    def fork_member(self, forked: ForkedRequestData) -> CachedRequestState:
+        """A sequence-group member forked off another: the parent's tokens so far."""
+        parent = self.states[forked.parent_id]
+        state = CachedRequestState(
+            forked.request_id, parent.prompt_token_ids, list(parent.output_token_ids), parent.params, parent.seed,
+            parent.eos_token_ids, parent.num_computed_tokens, num_candidates=parent.num_candidates,
+        )
+        self.states[forked.request_id] = state
+        return state
+
     def update(self, item: ScheduledRequest) -> CachedRequestState:
         state = self.states[item.request_id]
         state.num_computed_tokens = item.num_computed_tokens
         state.block_ids = item.block_ids
+        state.output_token_ids.extend(item.new_token_ids)
         return state

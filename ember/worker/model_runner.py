@@ -77,6 +77,10 @@ class ModelRunner:
         rows = [row for group in groups for row in _sampling_rows(group)]
         sampled = self.sampler(logits, rows)
         for group in groups:
+            if group.state.num_candidates:  # a sequence-group member: its group picks the token
+                output.add_row(group.state.request_id, [], None, [])
+                output.candidates[group.state.request_id] = sampled.candidates[group.first_row]
+                continue
             tokens, logprobs = _verify(group, sampled.token_ids, sampled.logprobs)
             group.state.output_token_ids.extend(tokens)
             for processor in self.sampler.processors:
@@ -86,6 +90,10 @@ class ModelRunner:
         return output
 
     def _update_states(self, scheduled: SchedulerOutput) -> None:
+        for forked in scheduled.forked:  # first: a parent may be dropped in the same step
+            child = self.input_batch.fork_member(forked)
+            for processor in self.sampler.processors:
+                processor.add_request(child.request_id, child.params, child.output_token_ids)
         for request_id in scheduled.dropped_request_ids:
             self.input_batch.remove(request_id)
             if self.proposer is not None:
@@ -98,6 +106,9 @@ class ModelRunner:
                 processor.add_request(state.request_id, state.params, state.output_token_ids)
         for item in scheduled.scheduled:
             self.input_batch.update(item)
+            if item.new_token_ids:
+                for processor in self.sampler.processors:
+                    processor.accept(item.request_id, item.new_token_ids)
 
     def _prepare(
         self, scheduled: SchedulerOutput
@@ -203,6 +214,7 @@ def _sampling_rows(group: _SampleGroup) -> list[SamplingRow]:
             seed=state.seed,
             position=state.num_tokens + j,
             prompt_token_ids=state.prompt_token_ids,
+            num_candidates=state.num_candidates,
         )
         for j in range(len(group.drafts) + 1)
     ]

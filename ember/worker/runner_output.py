@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ember.engine.beam_search import Candidates
 from ember.outputs import PositionLogprobs
 
 
@@ -16,6 +17,7 @@ class ModelRunnerOutput:
     logprobs: list[list[PositionLogprobs] | None] = field(default_factory=list)  # per sampled token
     spec_token_ids: list[list[int]] = field(default_factory=list)  # drafts proposed for the next step
     prompt_logprobs: dict[str, list[PositionLogprobs | None]] = field(default_factory=dict)  # this chunk's
+    candidates: dict[str, Candidates] = field(default_factory=dict)  # group members: their next-token candidates
     _rows: dict[str, int] = field(default_factory=dict, repr=False)
 
     def add_row(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.engine.beam_search import Candidates
 from ember.kernels.fused_ops import argmax
 from ember.outputs import Logprob, PositionLogprobs
 from ember.worker.logits_processors import LogitsProcessor, LogitsRow, default_processors
@@ -24,6 +25,7 @@ class SamplingRow(LogitsRow):
     seed: int = 0
     position: int = 0  # index in prompt + output of the token this row draws
     prompt_token_ids: list[int] | None = None
+    num_candidates: int = 0  # > 0: also return the top tokens of the processed distribution (beam search)
 
     @property
     def temperature(self) -> float:
@@ -39,6 +41,7 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[PositionLogprobs | None]  # decoded_token left None; the engine fills it
     cumulative_logprob_deltas: list[float | None]
+    candidates: list[Candidates | None]
 
 
 class Sampler:
@@ -52,13 +55,14 @@ class Sampler:
         for processor in self.processors:
             logits = processor.apply(logits, rows)
         logits = _apply_penalties(logits, rows)
+        candidates = _candidates(logits, rows)
         tokens = self._choose(logits, rows)
         token_list = tokens.tolist()
         if raw_logprobs is None:
-            return SamplerOutput(token_list, [None] * len(rows), [None] * len(rows))
+            return SamplerOutput(token_list, [None] * len(rows), [None] * len(rows), candidates)
         position_logprobs = _gather_logprobs(raw_logprobs, tokens, rows)
         deltas = [p[t].logprob if p is not None else None for p, t in zip(position_logprobs, token_list)]
-        return SamplerOutput(token_list, position_logprobs, deltas)
+        return SamplerOutput(token_list, position_logprobs, deltas, candidates)
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         greedy_tokens = argmax(logits)
@@ -71,6 +75,23 @@ class Sampler:
         sampled = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
         sampled = sampled.clamp_(max=logits.shape[-1] - 1)
         return torch.where(greedy, greedy_tokens, sampled)
+
+
+def _candidates(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Candidates | None]:
+    """For rows that want them: the top tokens of log_softmax(processed logits / temperature), best first."""
+    wanted = [i for i, r in enumerate(rows) if r.num_candidates]
+    result: list[Candidates | None] = [None] * len(rows)
+    if not wanted:
+        return result
+    index = torch.tensor(wanted, device=logits.device)
+    temps = torch.tensor([rows[i].temperature or 1.0 for i in wanted], device=logits.device).unsqueeze(-1)
+    logprobs = torch.log_softmax(logits[index] / temps, dim=-1)
+    top = logprobs.topk(min(max(rows[i].num_candidates for i in wanted), logits.shape[-1]), dim=-1)
+    ids, values = top.indices.tolist(), top.values.tolist()
+    for i, token_ids, row_logprobs in zip(wanted, ids, values):
+        k = rows[i].num_candidates
+        result[i] = Candidates(token_ids[:k], row_logprobs[:k])
+    return result
 
 
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
