@@ -39,7 +39,11 @@ from ember.server.serving import OpenAIServing, Job
 Model = TypeVar("Model", bound=BaseModel)
 Generation = TypeVar("Generation", CompletionRequest, ChatCompletionRequest)
 
-_STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# One server-sent event (OpenAPI 3.0/3.1 put the per-event schema under `schema`): `data` is a JSON chunk, or
+# the final "[DONE]".
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}  # fmt: skip
+_STREAMED = {200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
                    "description": "the response, or with stream: server-sent events of chunks"}}  # fmt: skip
 _PREPROCESS_THREADS = 2  # chat templates and tokenization: CPU-bound, so more threads would only contend
 
