@@ -26,6 +26,7 @@ from typing import Any
 
 from ember.bench_serve import add_serve_bench_parser, bench_serve, result_table
 from ember.errors import EmberError, InvalidRequestError
+from ember.scaling.bench import add_scaling_bench_parser, run_scaling_bench
 
 # ShareGPT limits, as in vLLM's benchmark: drop very short turns, cap long ones.
 SHAREGPT_MIN_LEN = 4
@@ -346,6 +347,7 @@ def add_bench_parser(commands: Any) -> None:
     latency.add_argument("--num-iters", type=int, default=5, help="timed iterations (default: 5)")
     latency.add_argument("--num-iters-warmup", type=int, default=1, help="untimed iterations first (default: 1)")
     add_serve_bench_parser(kinds)
+    add_scaling_bench_parser(kinds)
 
 
 def make_llm(args: argparse.Namespace) -> Any:
@@ -419,6 +421,9 @@ def latency_table(report: dict[str, Any]) -> str:
 
 def run_bench(args: argparse.Namespace) -> None:
     """Entry point of `ember bench ...` (called by ember.cli.main, which turns EmberError into one line)."""
+    if args.bench_command == "scaling":
+        run_scaling_bench(args)  # prints its own tables
+        return
     if args.bench_command == "serve":
         report = bench_serve(args)
         print(result_table(report["results"]))

@@ -62,7 +62,7 @@ def sample(
     completions = [c if c.finished() else replace(c, finish_reason=ABORTED) for c in latest.outputs]
     finished = [c for c in completions if c.finish_reason != ABORTED]
     candidates = early_stop.keep(finished) if early_stop is not None else completions
-    prompt_text = latest.prompt if latest.prompt is not None else engine.tokenizer.decode(latest.prompt_token_ids)
+    prompt_text = latest.prompt if latest.prompt is not None else _decode(engine, latest.prompt_token_ids)
     accounting = meter.finish(completions, len(latest.prompt_token_ids))
     return Samples(prompt_text, latest.prompt_token_ids, completions, candidates, accounting)
 
@@ -88,3 +88,8 @@ def _run(engine: LLMEngine, request_id: str, meter: Meter, early_stop: EarlyStop
             break
     assert latest is not None
     return latest
+
+
+def _decode(engine: LLMEngine, token_ids: list[int]) -> str:
+    # Special tokens kept: a chat-rendered prompt then reads (and re-encodes) as its template wrote it.
+    return engine.tokenizer.decode(token_ids, skip_special_tokens=False)

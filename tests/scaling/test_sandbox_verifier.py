@@ -43,7 +43,10 @@ def test_a_memory_hog_gets_memory_error():
 
 
 def test_runs_isolated_in_a_temporary_directory():
-    code = "import os, sys\nassert sys.flags.isolated\nassert os.path.basename(os.getcwd()).startswith('ember-sandbox-')\n"
+    code = (
+        "import os, sys\nassert sys.flags.isolated\n"
+        "assert os.path.basename(os.getcwd()).startswith('ember-sandbox-')\n"
+    )
     assert run_sandboxed(code, LIMITS).passed
 
 
