@@ -5,9 +5,10 @@ Every row decodes the same prompt token ids (ember's tokenizer, the model's chat
 person as JSON") on the same GGUF, `batch` requests at a time. The schema is a person: name, age, tags
 (1-4 strings), an address object (street, city, 5-digit zip) and a boolean, about 60-120 tokens of output.
 
-- **constrained** (greedy, the schema; ember also with jump-forward, its default: the text the grammar
-  forces next, e.g. `", "age": `, is proposed as drafts and verified in the same step, so a step may yield
-  several tokens; the tokens are the same as without it);
+- **constrained** (greedy, the schema; ember also with jump-forward, opt-in: the text the grammar forces
+  next, e.g. `", "age": `, is proposed as drafts and verified in the same step, so a step may yield several
+  tokens; exact in float32, but on quantized weights the multi-token verification may round differently,
+  which the "same tokens" column shows);
 - **unconstrained**: the same prompts, greedy, no schema, `ignore_eos` and each request's max_tokens set to the
   token count of its constrained output (ember's rows: ember's counts; llama-server's: its own), so both
   decode exactly the same number of tokens per request. overhead = unconstrained tok/s / constrained tok/s.

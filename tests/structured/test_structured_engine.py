@@ -125,7 +125,7 @@ def test_jump_forward_keeps_the_output(checkpoint, greedy):
     plain = LLM(checkpoint, dtype="float32", block_size=4, structured_jump_forward=False)
     expected = [o.outputs[0].token_ids for o in plain.generate([PROMPT] * 2, params, use_tqdm=False)]
     assert plain.engine.scheduler.spec_stats.num_draft_tokens == 0
-    jumping = LLM(checkpoint, dtype="float32", block_size=4)
+    jumping = LLM(checkpoint, dtype="float32", block_size=4, structured_jump_forward=True)
     got = jumping.generate([PROMPT] * 2, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == expected
     stats = jumping.engine.scheduler.spec_stats
