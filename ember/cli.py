@@ -52,7 +52,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, names: list
             continue
         default = overrides.get(f.name, f.default)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        # argparse %-formats help text: a literal percent sign in a docstring must not break --help.
+        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue

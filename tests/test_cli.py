@@ -25,6 +25,13 @@ def test_help_documents_every_flag():
             assert action.help and action.help.strip() and not action.help.startswith(" (default")
 
 
+def test_every_command_formats_its_help():
+    # argparse %-formats help text, so a docstring with a literal percent sign once broke `serve --help`.
+    parser = build_parser()
+    for command, sub in parser._subparsers._group_actions[0].choices.items():  # noqa: SLF001
+        assert "usage:" in sub.format_help(), command
+
+
 def test_generate_streams_the_greedy_completion(checkpoint_dir):
     folder = checkpoint_dir("llama")
     result = _run("generate", "Hello world", "--model", folder, "--temperature", "0", "--max-tokens", "10", "--ignore-eos")
