@@ -33,6 +33,20 @@ class CompletionOutput:
 
 
 @dataclass
+class StepSearchState:
+    """A step search's sequences (`LLMEngine.step_search_state`), by sequence id."""
+
+    ready: bool
+    """Every live sequence has ended its step (or there is none left): the caller decides what goes on."""
+    parked: dict[str, CompletionOutput]
+    """Live sequences whose step ended, with what they generated so far."""
+    running: list[str]
+    """Live sequences still in their step."""
+    ended: dict[str, CompletionOutput]
+    """Sequences that finished (a stop, EOS or the length limit), in the order they finished."""
+
+
+@dataclass
 class RequestMetrics:
     """Timestamps (time.monotonic) of a request's life, for latency metrics."""
 

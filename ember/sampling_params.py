@@ -162,3 +162,26 @@ class BeamSearchParams:
             self.early_stopping in (True, False, "never"),
             f'early_stopping must be true, false or "never", got {self.early_stopping!r}',
         )
+
+
+@dataclass(frozen=True)
+class StepBoundary:
+    """Where a step of a step-wise search (particle filtering, step beam search, best-first search) ends for
+    one sequence: after the text it generated in the step contains `delimiter`, or after `max_tokens` tokens
+    in the step, whichever comes first (or when the sequence finishes)."""
+
+    delimiter: str | None = "\n\n"
+    """Text that ends a step (a blank line: a reasoning step); None: steps end by length only."""
+    max_tokens: int | None = None
+    """Most tokens in one step; None: steps end at the delimiter only."""
+
+    def __post_init__(self) -> None:
+        _check(self.delimiter is not None or self.max_tokens is not None, "a step needs a delimiter or max_tokens")
+        _check(
+            self.delimiter is None or (isinstance(self.delimiter, str) and self.delimiter != ""),
+            f"delimiter must be a non-empty string or None, got {self.delimiter!r}",
+        )
+        _check(
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            f"max_tokens must be a positive integer or None, got {self.max_tokens!r}",
+        )

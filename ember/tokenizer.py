@@ -319,6 +319,13 @@ class IncrementalDetokenizer:
             return ""
         return self._emit(text[len(prefix) :])
 
+    def fork(self) -> IncrementalDetokenizer:
+        """An independent copy at the same point (a forked sequence goes on from the same text)."""
+        copy = object.__new__(IncrementalDetokenizer)
+        copy._tokenizer, copy._skip = self._tokenizer, self._skip
+        copy._window, copy._read, copy._deltas = list(self._window), self._read, list(self._deltas)
+        return copy
+
     def flush(self) -> str:
         """At the end of generation: the held-back text (e.g. bytes that never formed a character)."""
         prefix = self._decode(self._window[: self._read])

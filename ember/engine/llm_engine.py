@@ -18,9 +18,9 @@ from ember.engine.sequence_group import SequenceGroup
 from ember.errors import InvalidRequestError
 from ember.loader.model_loader import load_model, resolve_model
 from ember.model_zoo import default_model_path
-from ember.outputs import RequestOutput
+from ember.outputs import CompletionOutput, RequestOutput, StepSearchState
 from ember.quant.config import QuantConfig
-from ember.sampling_params import BeamSearchParams, SamplingParams
+from ember.sampling_params import BeamSearchParams, SamplingParams, StepBoundary
 from ember.spec.build import check_skip_layers, draft_kv_cache, draft_model_source, make_proposer
 from ember.spec.config import SpeculativeConfig
 from ember.structured.backend import StructuredOutputBackend
@@ -159,6 +159,77 @@ class LLMEngine:
         self.output_processor.add_group(request_id, group, first)
         self.scheduler.add(first)
 
+    def add_step_search(
+        self, request_id: str, prompt: str | Sequence[int] | TokenizedPrompt, params: SamplingParams,
+        num_sequences: int, boundary: StepBoundary, arrival_time: float | None = None,
+    ) -> None:  # fmt: skip
+        """Queue a step search (particle filtering, step-wise beam or best-first search): `num_sequences`
+        samples of the prompt that share its KV blocks and stop at the end of each step (`boundary`) until
+        `advance_step_search` says which go on, how many times forked; `step_search_state` shows them. It
+        yields no RequestOutputs: the caller reads its state and releases it with `abort_request`."""
+        text, token_ids = prompt if isinstance(prompt, TokenizedPrompt) else self.process_prompt(prompt)
+        if request_id in self.output_processor.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if self.speculative_config is not None:
+            raise InvalidRequestError("a step search does not run with speculative decoding (speculative_config)")
+        if not isinstance(num_sequences, int) or isinstance(num_sequences, bool) or num_sequences < 1:
+            raise InvalidRequestError(f"num_sequences must be a positive integer, got {num_sequences!r}")
+        if params.n != 1:
+            raise InvalidRequestError("a step search sets its own number of sequences; leave SamplingParams.n at 1")
+        if params.structured_outputs is not None:
+            raise InvalidRequestError("a step search does not take structured_outputs")
+        self._check_token_ids(params)
+        limit = self._check_length(len(token_ids), params.max_tokens)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        group = SequenceGroup(request_id, boundary=boundary, seed=base_seed)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        members = []
+        for index in range(num_sequences):
+            member = Request(
+                request_id=group.child_id(), prompt=text, prompt_token_ids=token_ids, params=params,
+                max_total_len=limit, seed=base_seed + index, eos_token_ids=self.eos_token_ids, parent_id=request_id,
+                arrival_time=arrival, group=group,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens),
+            )  # fmt: skip
+            if params.logprobs is not None:
+                member.logprobs, member.cumulative_logprob = [], 0.0
+            group.add_member(member)
+            members.append(member)
+        self.output_processor.add_group(request_id, group, members[0])
+        members[0].pending_forks = members[1:]  # they fork off the first once the prompt is computed
+        self.scheduler.add(members[0])
+
+    def step_search_state(self, request_id: str) -> StepSearchState:
+        group = self._step_group(request_id)
+        return StepSearchState(
+            ready=group.ready(),
+            parked={m.request_id: _partial(m) for m in group.members if m.request_id in group.parked},
+            running=[m.request_id for m in group.members if m.request_id not in group.parked],
+            ended={m.request_id: _partial(m) for m in group.ended},
+        )
+
+    def advance_step_search(self, request_id: str, counts: dict[str, int]) -> dict[str, list[str]]:
+        """Per parked sequence id, how many continuations its next step has (0 prunes it; k forks it k - 1
+        times); sequences not named stay parked. Returns, per named sequence, the ids going on (itself
+        first, then its forks)."""
+        group = self._step_group(request_id)
+        before = {m.request_id for m in group.members}
+        self.scheduler.advance_step_group(group, counts)
+        forks = [m for m in group.members if m.request_id not in before]
+        result: dict[str, list[str]] = {}
+        cursor = 0
+        for member_id, count in counts.items():
+            if count:
+                result[member_id] = [member_id] + [f.request_id for f in forks[cursor : cursor + count - 1]]
+                cursor += count - 1
+        return result
+
+    def _step_group(self, request_id: str) -> SequenceGroup:
+        group = self.output_processor.groups.get(request_id)
+        if group is None or group.boundary is None:
+            raise InvalidRequestError(f"no step search with request id {request_id!r}")
+        return group
+
     def _check_length(self, prompt_len: int, max_tokens: int | None) -> int:
         """The request's last position (prompt + max_tokens, or the context limit), checked to fit."""
         limit = self.max_model_len if max_tokens is None else prompt_len + max_tokens
@@ -266,3 +337,12 @@ class LLMEngine:
         return PagedKVCache(
             groups, block_size, cfg.num_key_value_heads, cfg.head_dim, self.dtype, config.device, config.kv_cache_dtype
         )
+
+
+def _partial(request: Request) -> CompletionOutput:
+    """A step-search sequence as it stands."""
+    return CompletionOutput(
+        index=0, text=request.output_text, token_ids=list(request.output_token_ids),
+        cumulative_logprob=request.cumulative_logprob, logprobs=list(request.logprobs) if request.logprobs else None,
+        finish_reason=request.finish_reason.value if request.finish_reason else None, stop_reason=request.stop_reason,
+    )  # fmt: skip

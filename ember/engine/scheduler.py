@@ -24,6 +24,7 @@ from ember.engine.block_manager import KVCacheManager
 from ember.engine.request import FinishReason, Request, RequestStatus
 from ember.engine.sequence_group import SequenceGroup
 from ember.engine.stop import check_stop
+from ember.errors import InvalidRequestError
 from ember.outputs import PositionLogprobs
 from ember.sampling_params import SamplingParams
 from ember.worker.runner_output import ModelRunnerOutput
@@ -49,6 +50,7 @@ class ForkedRequestData:
 
     request_id: str
     parent_id: str
+    seed: int | None = None  # its own sampling seed (a step group's fork samples on); None: the parent's
 
 
 @dataclass
@@ -306,6 +308,8 @@ class Scheduler:
                 request.group.candidates[request.request_id] = candidates
                 groups[request.group.group_id] = request.group
             new = self._append_tokens(request, tokens, result.logprobs[row] if row is not None else None)
+            if request.group is not None:
+                request.group.after_tokens(request)
             if not request.is_finished:
                 if rejected:  # the table then covers what a step without drafts would hold (+ lookahead)
                     self.kv.truncate(request.request_id, request.num_tokens + self.num_lookahead_tokens)
@@ -348,16 +352,42 @@ class Scheduler:
         group.replace_members(chosen, [c.cumulative_logprob for c in step.continuations])
         return [RequestUpdate(member, [c.token_id]) for member, c in zip(chosen, step.continuations)]
 
-    def _fork_member(self, parent: Request, child_id: str) -> Request:
-        """A copy of `parent` sharing its KV blocks; with no room (blocks or sequences), it waits and
-        recomputes its tokens when admitted (prefix-cache hits make that cheap)."""
+    def advance_step_group(self, group: SequenceGroup, counts: dict[str, int]) -> None:
+        """Start the next step of a step group's parked members: a member with count 0 is pruned (its blocks
+        return now), one with count k >= 1 goes on and is forked k - 1 times (the forks share its blocks and
+        sample with their own seeds); a member without an entry stays parked."""
+        live = {m.request_id: m for m in group.members}
+        for member_id, count in counts.items():
+            if member_id not in live or member_id not in group.parked:
+                raise InvalidRequestError(f"{member_id!r} is not a parked member of group {group.group_id!r}")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise InvalidRequestError(f"continuations of {member_id!r} must be an integer >= 0, got {count!r}")
+        for member_id, count in counts.items():
+            member = live[member_id]
+            if count == 0:
+                group.remove(member)
+                self.finish(member, FinishReason.ABORT)
+                continue
+            group.unpark(member)
+            for _ in range(count - 1):
+                child_id = group.child_id()
+                group.add_member(self._fork_member(member, child_id, group.child_seed()))
+
+    def _fork_member(self, parent: Request, child_id: str, seed: int | None = None) -> Request:
+        """A copy of `parent` sharing its KV blocks (with its own sampling `seed`, if given); with no room
+        (blocks or sequences), it waits and recomputes its tokens when admitted (prefix-cache hits make that
+        cheap)."""
         child = Request(
             request_id=child_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids, params=parent.params,
-            max_total_len=parent.max_total_len, seed=parent.seed, eos_token_ids=parent.eos_token_ids,
+            max_total_len=parent.max_total_len, seed=parent.seed if seed is None else seed,
+            eos_token_ids=parent.eos_token_ids,
             parent_id=parent.parent_id, index=parent.index, arrival_time=parent.arrival_time,
             first_scheduled_time=parent.first_scheduled_time, first_token_time=parent.first_token_time,
             output_token_ids=list(parent.output_token_ids), block_hashes=list(parent.block_hashes),
-            group=parent.group,
+            group=parent.group, output_text=parent.output_text,
+            detokenizer=parent.detokenizer.fork() if parent.detokenizer is not None else None,
+            logprobs=list(parent.logprobs) if parent.logprobs is not None else None,
+            cumulative_logprob=parent.cumulative_logprob,
         )  # fmt: skip
         self.requests[child_id] = child
         copies = None
@@ -367,7 +397,7 @@ class Scheduler:
             self.waiting.appendleft(child)
             return child
         self._pending_copies.extend(copies)
-        self._forked.append(ForkedRequestData(child_id, parent.request_id))
+        self._forked.append(ForkedRequestData(child_id, parent.request_id, seed))
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = RequestStatus.RUNNING
         self.running.append(child)
@@ -391,6 +421,8 @@ class Scheduler:
         child.first_scheduled_time = parent.first_scheduled_time
         self.running.append(child)
         new = self._append_tokens(child, result.sampled_token_ids[row], result.logprobs[row])
+        if child.group is not None:
+            child.group.after_tokens(child)
         if not child.is_finished:
             self._set_drafts(child, result.spec_token_ids[row])
         return [RequestUpdate(child, new)]

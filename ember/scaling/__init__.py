@@ -1,9 +1,11 @@
-"""Inference-time scaling over parallel samples of one prompt: best-of-N, self-consistency, and early stopping
-of the samples (first-finish, short-m@k). Each strategy returns its choice and its `Accounting`."""
+"""Inference-time scaling over parallel samples of one prompt: best-of-N, self-consistency, early stopping of
+the samples (first-finish, short-m@k) and particle filtering over reasoning steps. Each strategy returns its
+choice and its `Accounting`."""
 
 from ember.scaling.accounting import Accounting
 from ember.scaling.best_of_n import BestOfN, best_of_n
 from ember.scaling.early_stop import FIRST_FINISH, EarlyStop
+from ember.scaling.particle_filter import ParticleFilter, particle_filter
 from ember.scaling.reward_model import RewardModel
 from ember.scaling.sampling import Samples, sample
 from ember.scaling.selection import (
@@ -13,8 +15,8 @@ from ember.scaling.self_consistency import Tally, Vote, majority_vote, regex_ext
 from ember.scaling.verifier import CodeVerifier, SandboxLimits, SandboxResult, extract_code, run_sandboxed
 
 __all__ = [
-    "Accounting", "BatchScorer", "BestOfN", "CodeVerifier", "EarlyStop", "FIRST_FINISH", "RewardModel",
+    "Accounting", "BatchScorer", "BestOfN", "CodeVerifier", "EarlyStop", "FIRST_FINISH", "ParticleFilter", "RewardModel",
     "SandboxLimits", "SandboxResult", "Samples", "Scorer", "ScorerError", "Tally", "Vote", "best_index", "best_of_n",
-    "extract_code", "majority_vote", "mean_logprob", "regex_extractor", "run_sandboxed", "sample", "score_all",
+    "extract_code", "majority_vote", "mean_logprob", "particle_filter", "regex_extractor", "run_sandboxed", "sample", "score_all",
     "self_consistency", "total_logprob",
 ]  # fmt: skip

@@ -67,7 +67,8 @@ class InputBatch:
         """A sequence-group member forked off another: the parent's tokens so far."""
         parent = self.states[forked.parent_id]
         state = CachedRequestState(
-            forked.request_id, parent.prompt_token_ids, list(parent.output_token_ids), parent.params, parent.seed,
+            forked.request_id, parent.prompt_token_ids, list(parent.output_token_ids), parent.params,
+            parent.seed if forked.seed is None else forked.seed,
             parent.eos_token_ids, parent.num_computed_tokens, num_candidates=parent.num_candidates,
         )
         self.states[forked.request_id] = state
