@@ -5,7 +5,9 @@ For each model, task (HumanEval, seeded arithmetic word problems) and problem, a
   vote (self-consistency) and best-of-N by the model's mean log-probability (and by a reward model with
   `--reward-model`), with the run's tokens, wall time and peak KV blocks;
 - first-finish and short-m@k runs at the same N and seed, whose samples are the same as the full run's up to
-  where they stop (a seeded sample does not depend on its batch), so the tokens saved are exact.
+  where they stop (a seeded sample does not depend on its batch), so the tokens saved are exact;
+- particle filtering with N particles (steps end at a blank line or after `--step-tokens` tokens), weighted by
+  the model's mean log-probability of each partial answer (or by the reward model with `--reward-model`).
 Then N samples in one request against N requests of one sample run one after the other, at `--sequential-n`.
 Wall time is the engine's (sampling, and a reward model's scoring); grading in the sandbox is not counted.
 """
@@ -27,8 +29,10 @@ from ember.engine.llm import LLM
 from ember.errors import EmberError
 from ember.model_zoo import qwen25_coder_05b_path, qwen25_coder_15b_path
 from ember.outputs import CompletionOutput
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import SamplingParams, StepBoundary
+from ember.scaling.accounting import Accounting
 from ember.scaling.early_stop import FIRST_FINISH, EarlyStop
+from ember.scaling.particle_filter import particle_filter
 from ember.scaling.reward_model import RewardModel
 from ember.scaling.sampling import Samples, sample
 from ember.scaling.selection import Scorer, best_index, mean_logprob, score_all
@@ -86,7 +90,9 @@ class Grader:
 
 
 def add_scaling_bench_parser(kinds: Any) -> None:
-    parser = kinds.add_parser("scaling", help="accuracy vs N for best-of-N, self-consistency and early stops")
+    parser = kinds.add_parser(
+        "scaling", help="accuracy vs N for best-of-N, self-consistency, early stops and particle filtering"
+    )
     add_arguments(parser)
 
 
@@ -101,6 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequential-n", type=int, default=8, help="N of the batched-vs-sequential runs (default: 8)")
     parser.add_argument("--sequential-problems", type=int, default=5,
                         help="problems per task timed batched vs sequential (default: 5)")
+    parser.add_argument("--step-tokens", type=int, default=64,
+                        help="particle filtering: most tokens in one step (default: 64)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default: 0.95)")
     parser.add_argument("--max-tokens-code", type=int, default=384, help="HumanEval max_tokens (default: 384)")
@@ -124,6 +132,7 @@ class Settings:
     problems: int
     ns: list[int]
     short_m: int
+    step_tokens: int
     sequential_n: int
     sequential_problems: int
     temperature: float
@@ -140,6 +149,7 @@ class Settings:
             models=_split(values["models"]), tasks=_split(values["tasks"]), problems=values["problems"],
             ns=[_positive(int(n), "--ns") for n in _split(values["ns"])],
             short_m=_positive(values["short_m"], "--short-m"),
+            step_tokens=_positive(values["step_tokens"], "--step-tokens"),
             sequential_n=_positive(values["sequential_n"], "--sequential-n"),
             sequential_problems=values["sequential_problems"], temperature=values["temperature"],
             top_p=values["top_p"],
@@ -241,14 +251,24 @@ class TaskBench:
     def problem_rows(self, problem: Problem, prompt: list[int], params: SamplingParams, n: int) -> list[Row]:
         full = sample(self.llm, prompt, n, params)
         rows = [
-            self._row(problem, "coverage", full, any(self.grade(problem, c) for c in full.completions)),
-            self._row(problem, "majority", full, self.grade(problem, self._majority(problem, full.candidates))),
-            self._row(problem, "best-of-n logprob", full, self.grade(problem, self._best(full, mean_logprob)[0])),
-        ]
+            self._row(problem, "coverage", full.accounting, any(self.grade(problem, c) for c in full.completions)),
+            self._row(problem, "majority", full.accounting,
+                      self.grade(problem, self._majority(problem, full.candidates))),
+            self._row(problem, "best-of-n logprob", full.accounting,
+                      self.grade(problem, self._best(full, mean_logprob)[0])),
+        ]  # fmt: skip
         if self.reward is not None:
             best, seconds = self._best(full, self.reward)
-            row = self._row(problem, "best-of-n reward", full, self.grade(problem, best))
+            row = self._row(problem, "best-of-n reward", full.accounting, self.grade(problem, best))
             rows.append(replace(row, seconds=row.seconds + seconds))
+        if n > 1:
+            boundary = StepBoundary("\n\n", self.settings.step_tokens)
+            scorer = self.reward if self.reward is not None else mean_logprob
+            particles = particle_filter(self.llm, prompt, n, params, scorer, boundary, seed=self.settings.seed)
+            acc = particles.accounting
+            name = "particles reward" if self.reward is not None else "particles logprob"
+            row = self._row(problem, name, acc, self.grade(problem, particles.best))
+            rows.append(replace(row, seconds=acc.wall_seconds))  # scoring is part of the search
         if n > 1:
             rows.append(self._early(problem, prompt, params, n, FIRST_FINISH, full))
         if 1 < self.settings.short_m < n:  # short-1@k is first-finish
@@ -259,7 +279,7 @@ class TaskBench:
                full: Samples) -> Row:  # fmt: skip
         early = sample(self.llm, prompt, n, params, early_stop=stop)
         name = "first-finish" if stop.m == 1 else f"short-{stop.m}@k"
-        row = self._row(problem, name, early, self.grade(problem, self._majority(problem, early.candidates)))
+        row = self._row(problem, name, early.accounting, self.grade(problem, self._majority(problem, early.candidates)))
         return replace(row, saved_tokens=full.accounting.generated_tokens - early.accounting.generated_tokens)
 
     def _majority(self, problem: Problem, candidates: list[CompletionOutput]) -> CompletionOutput | None:
@@ -270,8 +290,7 @@ class TaskBench:
         scores, seconds = score_all(scorer, samples.prompt, samples.candidates)
         return samples.candidates[best_index(scores)], seconds
 
-    def _row(self, problem: Problem, strategy: str, samples: Samples, correct: bool) -> Row:
-        acc = samples.accounting
+    def _row(self, problem: Problem, strategy: str, acc: Accounting, correct: bool) -> Row:
         return Row(self.model, problem.task, problem.problem_id, strategy, acc.num_samples, correct,
                    acc.generated_tokens, acc.sampling_seconds, acc.peak_kv_blocks)  # fmt: skip
 

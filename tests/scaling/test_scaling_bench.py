@@ -17,11 +17,12 @@ def test_bench_scaling_runs_end_to_end(checkpoint_dir, tmp_path, capsys):
             "--max-tokens-math", "6", "--dtype", "float32", "--output-json", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "first-finish" in printed and "speedup" in printed
+    assert "first-finish" in printed and "particles logprob" in printed and "speedup" in printed
     report = json.loads(out.read_text())
     strategies = {(r["strategy"], r["n"]) for r in report["rows"]}
     assert strategies == {("coverage", 1), ("majority", 1), ("best-of-n logprob", 1), ("coverage", 2),
-                          ("majority", 2), ("best-of-n logprob", 2), ("first-finish", 2)}  # fmt: skip
+                          ("majority", 2), ("best-of-n logprob", 2), ("first-finish", 2),
+                          ("particles logprob", 2)}  # fmt: skip
     full = next(r for r in report["rows"] if r["strategy"] == "coverage" and r["n"] == 2)
     early = next(r for r in report["rows"] if r["strategy"] == "first-finish")
     assert early["saved_tokens"] == full["tokens"] - early["tokens"] >= 0
