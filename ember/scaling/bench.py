@@ -360,4 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    run_scaling_bench(args)
+    try:
+        run_scaling_bench(args)
+    except EmberError as e:  # a missing package or a bad flag: one line, as `ember bench scaling` prints it
+        parser.exit(2, f"bench_scaling: error: {e}\n")
