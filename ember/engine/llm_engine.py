@@ -116,25 +116,13 @@ class LLMEngine:
         if params.structured_outputs is not None:  # compiled (or found in the cache) before anything is queued
             self.structured.compile(params.structured_outputs)
         limit = self._check_length(len(token_ids), params.max_tokens)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
         children = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
-            child = Request(
-                request_id=request_id if params.n == 1 else f"{index}_{request_id}",
-                prompt=text,
-                prompt_token_ids=token_ids,
-                params=params,
-                max_total_len=limit,
-                seed=seed,
-                eos_token_ids=self.eos_token_ids,
-                parent_id=request_id,
-                index=index,
-                arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
-                detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens),
-            )
-            if params.logprobs is not None:
-                child.logprobs, child.cumulative_logprob = [], 0.0
-            children.append(child)
+            sequence_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            children.append(self._sequence(sequence_id, request_id, TokenizedPrompt(text, token_ids), params, limit,
+                                           seed, arrival, index=index))  # fmt: skip
         self.output_processor.add(request_id, children)
         # Siblings fork off the first one once its prompt is computed, sharing its KV blocks.
         children[0].pending_forks = children[1:]
@@ -185,19 +173,32 @@ class LLMEngine:
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         members = []
         for index in range(num_sequences):
-            member = Request(
-                request_id=group.child_id(), prompt=text, prompt_token_ids=token_ids, params=params,
-                max_total_len=limit, seed=base_seed + index, eos_token_ids=self.eos_token_ids, parent_id=request_id,
-                arrival_time=arrival, group=group,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens),
-            )  # fmt: skip
-            if params.logprobs is not None:
-                member.logprobs, member.cumulative_logprob = [], 0.0
+            member = self._sequence(group.child_id(), request_id, TokenizedPrompt(text, token_ids), params, limit,
+                                    base_seed + index, arrival, group=group)  # fmt: skip
             group.add_member(member)
             members.append(member)
         self.output_processor.add_group(request_id, group, members[0])
         members[0].pending_forks = members[1:]  # they fork off the first once the prompt is computed
         self.scheduler.add(members[0])
+
+    def _sequence(
+        self, sequence_id: str, request_id: str, prompt: TokenizedPrompt, params: SamplingParams, limit: int,
+        seed: int, arrival_time: float, index: int = 0, group: SequenceGroup | None = None,
+    ) -> Request:  # fmt: skip
+        """One sampled sequence of a user request, with its detokenizer (and logprobs, if asked for)."""
+        sequence = Request(
+            request_id=sequence_id, prompt=prompt.text, prompt_token_ids=prompt.token_ids, params=params,
+            max_total_len=limit, seed=seed, eos_token_ids=self.eos_token_ids, parent_id=request_id, index=index,
+            arrival_time=arrival_time, group=group,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt.token_ids, params.skip_special_tokens),
+        )  # fmt: skip
+        if params.logprobs is not None:
+            sequence.logprobs, sequence.cumulative_logprob = [], 0.0
+        return sequence
+
+    def step_search_ready(self, request_id: str) -> bool:
+        """Every live sequence of the step search has ended its step (cheap: no snapshot is built)."""
+        return self._step_group(request_id).ready()
 
     def step_search_state(self, request_id: str) -> StepSearchState:
         group = self._step_group(request_id)
@@ -212,17 +213,7 @@ class LLMEngine:
         """Per parked sequence id, how many continuations its next step has (0 prunes it; k forks it k - 1
         times); sequences not named stay parked. Returns, per named sequence, the ids going on (itself
         first, then its forks)."""
-        group = self._step_group(request_id)
-        before = {m.request_id for m in group.members}
-        self.scheduler.advance_step_group(group, counts)
-        forks = [m for m in group.members if m.request_id not in before]
-        result: dict[str, list[str]] = {}
-        cursor = 0
-        for member_id, count in counts.items():
-            if count:
-                result[member_id] = [member_id] + [f.request_id for f in forks[cursor : cursor + count - 1]]
-                cursor += count - 1
-        return result
+        return self.scheduler.advance_step_group(self._step_group(request_id), counts)
 
     def _step_group(self, request_id: str) -> SequenceGroup:
         group = self.output_processor.groups.get(request_id)

@@ -19,7 +19,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ember.engine.beam_search import Candidates
 from ember.engine.block_manager import KVCacheManager
 from ember.engine.request import FinishReason, Request, RequestStatus
 from ember.engine.sequence_group import SequenceGroup
@@ -352,16 +351,18 @@ class Scheduler:
         group.replace_members(chosen, [c.cumulative_logprob for c in step.continuations])
         return [RequestUpdate(member, [c.token_id]) for member, c in zip(chosen, step.continuations)]
 
-    def advance_step_group(self, group: SequenceGroup, counts: dict[str, int]) -> None:
+    def advance_step_group(self, group: SequenceGroup, counts: dict[str, int]) -> dict[str, list[str]]:
         """Start the next step of a step group's parked members: a member with count 0 is pruned (its blocks
         return now), one with count k >= 1 goes on and is forked k - 1 times (the forks share its blocks and
-        sample with their own seeds); a member without an entry stays parked."""
+        sample with their own seeds); a member without an entry stays parked. Returns, per member going on,
+        the ids of its sequences (itself first, then its forks)."""
         live = {m.request_id: m for m in group.members}
         for member_id, count in counts.items():
             if member_id not in live or member_id not in group.parked:
                 raise InvalidRequestError(f"{member_id!r} is not a parked member of group {group.group_id!r}")
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise InvalidRequestError(f"continuations of {member_id!r} must be an integer >= 0, got {count!r}")
+        going_on: dict[str, list[str]] = {}
         for member_id, count in counts.items():
             member = live[member_id]
             if count == 0:
@@ -369,9 +370,12 @@ class Scheduler:
                 self.finish(member, FinishReason.ABORT)
                 continue
             group.unpark(member)
+            going_on[member_id] = [member_id]
             for _ in range(count - 1):
                 child_id = group.child_id()
                 group.add_member(self._fork_member(member, child_id, group.child_seed()))
+                going_on[member_id].append(child_id)
+        return going_on
 
     def _fork_member(self, parent: Request, child_id: str, seed: int | None = None) -> Request:
         """A copy of `parent` sharing its KV blocks (with its own sampling `seed`, if given); with no room

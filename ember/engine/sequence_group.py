@@ -86,7 +86,7 @@ class SequenceGroup:
         tokens, chars = self._step_start[request.request_id]
         boundary = self.boundary
         if (boundary.max_tokens is not None and len(request.output_token_ids) - tokens >= boundary.max_tokens) or (
-            boundary.delimiter is not None and boundary.delimiter in request.output_text[chars:]
+            boundary.delimiter is not None and request.output_text.find(boundary.delimiter, chars) != -1
         ):
             self.parked.add(request.request_id)
 

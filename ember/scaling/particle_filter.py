@@ -23,9 +23,9 @@ from ember.errors import InvalidRequestError
 from ember.outputs import CompletionOutput
 from ember.sampling_params import SamplingParams, StepBoundary
 from ember.scaling.accounting import Accounting
-from ember.scaling.sampling import Prompt
+from ember.scaling.sampling import Prompt, check_positive
 from ember.scaling.selection import Scorer, best_index, mean_logprob
-from ember.scaling.step_run import DEFAULT_BOUNDARY, StepRun, check_positive
+from ember.scaling.step_run import DEFAULT_BOUNDARY, StepRun
 
 
 @dataclass

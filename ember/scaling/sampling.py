@@ -67,9 +67,13 @@ def sample(
     return Samples(prompt_text, latest.prompt_token_ids, completions, candidates, accounting)
 
 
+def check_positive(value: object, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidRequestError(f"{what} must be a positive integer, got {value!r}")
+
+
 def _params(n: int, params: SamplingParams) -> SamplingParams:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise InvalidRequestError(f"the number of samples N must be a positive integer, got {n!r}")
+    check_positive(n, "the number of samples N")
     if params.n not in (1, n):
         raise InvalidRequestError(f"SamplingParams.n is {params.n} but {n} samples were asked for; leave n at 1")
     return replace(params, n=n, logprobs=0 if params.logprobs is None else params.logprobs)

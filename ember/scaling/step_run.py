@@ -45,6 +45,8 @@ class StepRun:
         self.request_id = f"steps-{uuid.uuid4().hex}"
         self.scorer_calls = 0
         self.scoring_seconds = 0.0
+        self.finished: list[CompletionOutput] = []  # answers `collect_finished` scored, in the order they ended
+        self.finished_scores: list[float] = []
         self._base: dict[str, int] = {}  # sequence id -> its length when it was forked (0: from the prompt)
         self._length: dict[str, int] = {}  # sequence id -> its length when last seen
         self._step_start: dict[str, int] = {}  # sequence id -> its length when its current step began
@@ -60,11 +62,10 @@ class StepRun:
 
     def next_step(self) -> StepSearchState:
         """Step the engine until every live sequence has ended its step (or finished)."""
-        state = self.engine.step_search_state(self.request_id)
-        while not state.ready:
+        while not self.engine.step_search_ready(self.request_id):
             self.engine.step()
             self._meter.after_step()
-            state = self.engine.step_search_state(self.request_id)
+        state = self.engine.step_search_state(self.request_id)
         for outputs in (state.parked, state.ended):
             for sequence_id, output in outputs.items():
                 self._base.setdefault(sequence_id, 0)
@@ -79,6 +80,12 @@ class StepRun:
         self.scorer_calls += len(scores)
         self.scoring_seconds += seconds
         return scores
+
+    def collect_finished(self, state: StepSearchState) -> None:
+        """Score the sequences that finished since the last call and add them to `finished`."""
+        new = list(state.ended.values())[len(self.finished) :]  # `ended` keeps the order they finished in
+        self.finished += new
+        self.finished_scores += self.score(new)
 
     def advance(self, counts: dict[str, int]) -> dict[str, list[str]]:
         """`LLMEngine.advance_step_search`: per parked sequence, its continuations (0 prunes it)."""
@@ -105,7 +112,3 @@ class StepRun:
             scorer_calls=self.scorer_calls, scoring_seconds=self.scoring_seconds,
         )  # fmt: skip
 
-
-def check_positive(value: object, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidRequestError(f"{what} must be a positive integer, got {value!r}")

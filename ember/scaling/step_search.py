@@ -21,9 +21,9 @@ from ember.errors import InvalidRequestError
 from ember.outputs import CompletionOutput
 from ember.sampling_params import SamplingParams, StepBoundary
 from ember.scaling.accounting import Accounting
-from ember.scaling.sampling import Prompt
+from ember.scaling.sampling import Prompt, check_positive
 from ember.scaling.selection import Scorer, best_index, mean_logprob
-from ember.scaling.step_run import DEFAULT_BOUNDARY, StepRun, check_positive
+from ember.scaling.step_run import DEFAULT_BOUNDARY, StepRun
 
 
 @dataclass
@@ -50,17 +50,11 @@ def step_beam_search(
     check_positive(max_steps, "max_steps")
     if n % beam_width:
         raise InvalidRequestError(f"beam_width ({beam_width}) must divide n ({n})")
-    finished: list[CompletionOutput] = []
-    finished_scores: list[float] = []
     rounds = 0
     with StepRun(llm, prompt, params, n, boundary, scorer) as run:
         state = run.next_step()
-        seen: set[str] = set()
         while True:
-            new = [(sequence_id, output) for sequence_id, output in state.ended.items() if sequence_id not in seen]
-            seen.update(sequence_id for sequence_id, _ in new)
-            finished += [output for _, output in new]
-            finished_scores += run.score([output for _, output in new])
+            run.collect_finished(state)
             if not state.parked:
                 break
             ids = list(state.parked)
@@ -73,7 +67,7 @@ def step_beam_search(
                 run.advance({ids[k]: (n // beam_width if k in keep else 0) for k in range(len(ids))})
                 rounds += 1
             state = run.next_step()
-    return _result(finished, finished_scores, rounds, run)
+    return _result(run, rounds)
 
 
 def best_first_search(
@@ -84,27 +78,21 @@ def best_first_search(
     expansions after the first `expansions` samples."""
     check_positive(expansions, "expansions")
     check_positive(max_expansions, "max_expansions")
-    finished: list[CompletionOutput] = []
-    finished_scores: list[float] = []
     frontier: dict[str, float] = {}  # parked sequence id -> score of its partial answer
     done = 0
     with StepRun(llm, prompt, params, expansions, boundary, scorer) as run:
         state = run.next_step()
-        seen: set[str] = set()
         while True:
-            new_ended = [(s, o) for s, o in state.ended.items() if s not in seen]
-            seen.update(s for s, _ in new_ended)
-            finished += [o for _, o in new_ended]
-            finished_scores += run.score([o for _, o in new_ended])
+            run.collect_finished(state)
             new_parked = [s for s in state.parked if s not in frontier]
             frontier.update(zip(new_parked, run.score([state.parked[s] for s in new_parked])))
             if not frontier:
                 break
             node = max(frontier, key=frontier.__getitem__)  # the first of equals: the oldest
-            if finished and max(finished_scores) >= frontier[node]:
+            if run.finished and max(run.finished_scores) >= frontier[node]:
                 break  # the best node is a finished answer
             if done >= max_expansions:
-                if finished:
+                if run.finished:
                     break
                 # No answer yet: the best partial one goes on alone to the end.
                 run.advance({s: (1 if s == node else 0) for s in frontier})
@@ -114,9 +102,12 @@ def best_first_search(
                 run.advance({node: expansions})
                 done += 1
             state = run.next_step()
-    return _result(finished, finished_scores, done, run)
+    return _result(run, done)
 
 
-def _result(finished: list[CompletionOutput], scores: list[float], steps: int, run: StepRun) -> StepSearch:
-    best = best_index(scores)
-    return StepSearch(finished[best], scores[best], finished, scores, steps, run.accounting(finished))
+def _result(run: StepRun, steps: int) -> StepSearch:
+    best = best_index(run.finished_scores)
+    return StepSearch(
+        run.finished[best], run.finished_scores[best], run.finished, run.finished_scores, steps,
+        run.accounting(run.finished),
+    )  # fmt: skip
