@@ -269,7 +269,6 @@ class TaskBench:
             name = "particles reward" if self.reward is not None else "particles logprob"
             row = self._row(problem, name, acc, self.grade(problem, particles.best))
             rows.append(replace(row, seconds=acc.wall_seconds))  # scoring is part of the search
-        if n > 1:
             rows.append(self._early(problem, prompt, params, n, FIRST_FINISH, full))
         if 1 < self.settings.short_m < n:  # short-1@k is first-finish
             rows.append(self._early(problem, prompt, params, n, EarlyStop(self.settings.short_m), full))
