@@ -25,7 +25,7 @@ from ember.engine.llm_engine import LLMEngine, TokenizedPrompt
 from ember.engine.scheduler import SpecDecodeStats
 from ember.errors import EmberError
 from ember.outputs import RequestOutput
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("ember")
 
@@ -114,14 +114,14 @@ class AsyncLLM:
         self,
         request_id: str,
         prompt: TokenizedPrompt,
-        params: SamplingParams,
+        params: SamplingParams | BeamSearchParams,
         arrival_time: float | None = None,
     ) -> RequestStream:
         """Queue a request; returns once the step loop has accepted it (InvalidRequestError otherwise),
         before any token is computed, so a server can still answer 400 instead of starting a stream."""
         if self._stopped:
             raise EngineStepError("the engine is shut down")
-        if params.structured_outputs is not None:
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             # Compiled on the backend's pool while the step loop runs; a bad grammar fails here (400).
             await asyncio.wrap_future(self.engine.structured.submit(params.structured_outputs))
         with self._lock:
@@ -222,7 +222,7 @@ class AsyncLLM:
         self,
         request_id: str,
         prompt: TokenizedPrompt,
-        params: SamplingParams,
+        params: SamplingParams | BeamSearchParams,
         arrival_time: float,
         added: concurrent.futures.Future[None],
     ) -> None:

@@ -61,11 +61,12 @@ class OutputProcessor:
         completions = [
             CompletionOutput(
                 index=rank,
-                text=self.tokenizer.decode(hypothesis.token_ids, skip_special_tokens=True),
+                text=(text := self.tokenizer.decode(hypothesis.token_ids, skip_special_tokens=True)),
                 token_ids=hypothesis.token_ids,
                 cumulative_logprob=hypothesis.cumulative_logprob,
                 finish_reason=hypothesis.finish_reason,
                 score=hypothesis.score,
+                delta_text=text,  # nothing was streamed before: the whole text is new
             )
             for rank, hypothesis in enumerate(group.result)
         ]

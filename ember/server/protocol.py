@@ -22,7 +22,7 @@ from pydantic import (
 from pydantic_core import core_schema
 
 from ember.errors import InvalidRequestError
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import BeamSearchParams, SamplingParams
 from ember.server.errors import FieldError, blamed_name
 from ember.server.tools import tool_call_constraint
 from ember.structured.params import StructuredOutputsParams
@@ -168,6 +168,10 @@ ResponseFormat = Annotated[
     Discriminator(_format_tag, custom_error_type="response_format_type",
                   custom_error_message=f"type must be one of {', '.join(_FORMATS)}"),
 ]
+# Sampling fields beam search does not take (at their defaults they ask for nothing).
+_NOT_WITH_BEAM_SEARCH = ("top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                         "repetition_penalty", "logit_bias", "stop", "stop_token_ids", "min_tokens",
+                         "skip_special_tokens", "logprobs")  # fmt: skip
 # The fields that constrain the output; a request may set one.
 _CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
                       "guided_grammar")  # fmt: skip
@@ -208,9 +212,12 @@ class _SamplingFields(_Body):
     guided_grammar: str | None = None
     guided_whitespace_pattern: Annotated[str | None, _Unsupported(
         "guided_whitespace_pattern (use structured_outputs.disable_any_whitespace)")] = None
+    # vLLM's beam search: n beams (best_of on completions), the n best hypotheses returned, best first.
+    use_beam_search: bool = False
+    length_penalty: Finite = 1.0
+    early_stopping: bool | Literal["never"] = False
     # Known fields ember does not implement.
     prompt_logprobs: Annotated[Int64 | None, _Unsupported("prompt_logprobs (use echo with logprobs)")] = None
-    use_beam_search: Annotated[bool, _Unsupported("beam search", _NO)] = False
     bad_words: Annotated[list[str] | None, _Unsupported("bad_words", _NOTHING)] = None
     allowed_token_ids: Annotated[list[Int64] | None, _Unsupported("allowed_token_ids")] = None
     truncate_prompt_tokens: Annotated[Int64 | None, _Unsupported("truncate_prompt_tokens")] = None
@@ -232,6 +239,41 @@ class _SamplingFields(_Body):
     def _resolve_constraint(self) -> _SamplingFields:
         self._constraint = self.find_constraint()
         return self
+
+    @model_validator(mode="after")
+    def _check_beam_search(self) -> _SamplingFields:
+        """Beam search decides every token by the beams' summed log-probabilities: a field that shapes
+        sampling, or asks for what a hypothesis does not carry, is an error rather than ignored."""
+        if not self.use_beam_search:
+            for name in ("length_penalty", "early_stopping"):
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise FieldError(f"{name}: only applies with use_beam_search", name)
+            return self
+        for name in self._beam_search_conflicts():
+            raise FieldError(f"{name}: not supported with use_beam_search", name)
+        return self
+
+    def _beam_search_conflicts(self) -> list[str]:
+        """The fields set to something beam search cannot do."""
+        fields = type(self).model_fields
+        names = [name for name in _NOT_WITH_BEAM_SEARCH if getattr(self, name) != fields[name].default]
+        if self._constraint is not None:
+            names.append(self._constraint[0])
+        return names
+
+    def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        try:
+            return BeamSearchParams(
+                beam_width=self.beam_width, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                temperature=self.temperature if self.temperature is not None else 0.0,
+                length_penalty=self.length_penalty, early_stopping=self.early_stopping,
+            )  # fmt: skip
+        except InvalidRequestError as e:
+            raise self.blame(e, {"beam_width": None, "max_tokens": None, "temperature": None}) from e
+
+    @property
+    def beam_width(self) -> int:
+        return self.n
 
     def find_constraint(self) -> Constraint | None:
         """The field that constrains the output, and how; None for free text. Two constraints are an error,
@@ -257,9 +299,11 @@ class _SamplingFields(_Body):
         except InvalidRequestError as e:
             raise _constraint_error(name, e) from e
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    def _sampling(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None, n: int | None = None
+    ) -> SamplingParams:
         values: dict[str, Any] = {
-            "n": self.n,
+            "n": self.n if n is None else n,
             "stop": self.stop,
             "seed": self.seed,
             "ignore_eos": self.ignore_eos,
@@ -293,8 +337,8 @@ class _SamplingFields(_Body):
         return FieldError(str(e) if field == name else f"{field}: {e}", field)
 
     def field_for(self, parameter: str) -> str:
-        """The request's field behind a SamplingParams parameter."""
-        return parameter
+        """The request's field behind a SamplingParams (or BeamSearchParams) parameter."""
+        return "n" if parameter == "beam_width" else parameter
 
     @property
     def include_usage(self) -> bool:
@@ -311,11 +355,26 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> CompletionRequest:
-        if self.best_of is not None and self.best_of != self.n:
-            raise FieldError("best_of: only best_of equal to n is supported (no server-side selection)", "best_of")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise FieldError(f"best_of: must be at least n ({self.n}), got {self.best_of}", "best_of")
+            if self.stream and self.best_of > self.n:
+                raise FieldError("best_of: results cannot be streamed when best_of is greater than n", "best_of")
         if self.max_tokens == 0 and self.min_tokens:
             raise FieldError("min_tokens: must be 0 when max_tokens is 0", "min_tokens")
+        if self.use_beam_search and self.max_tokens == 0:
+            raise FieldError("max_tokens: must be at least 1 with use_beam_search", "max_tokens")
         return self
+
+    @property
+    def beam_width(self) -> int:
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def selects(self) -> bool:
+        """best_of > n: the server samples best_of completions and returns the n with the highest mean
+        log-probability per token (OpenAI's rule)."""
+        return self.best_of is not None and self.best_of > self.n
 
     @property
     def scores_prompt_only(self) -> bool:
@@ -326,7 +385,16 @@ class CompletionRequest(_SamplingFields):
         # The engine generates at least one token; with max_tokens 0 the server drops it.
         max_tokens = 1 if self.scores_prompt_only else self.max_tokens
         prompt_logprobs = self.logprobs if self.echo else None
-        return self._sampling(max_tokens, self.logprobs, prompt_logprobs)
+        if not self.selects:
+            return self._sampling(max_tokens, self.logprobs, prompt_logprobs)
+        # The selection needs every completion's log-probability, asked for or not.
+        logprobs = 0 if self.logprobs is None else self.logprobs
+        return self._sampling(max_tokens, logprobs, prompt_logprobs, n=self.best_of)
+
+    def field_for(self, parameter: str) -> str:
+        if parameter in ("n", "beam_width") and self.best_of is not None:
+            return "best_of"
+        return super().field_for(parameter)
 
     def prompts(self) -> list[str | list[int]]:
         return _prompt_list(self.prompt, "prompt")
@@ -511,7 +579,7 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
             return "top_logprobs"
         if parameter == "max_tokens" and self.max_completion_tokens is not None:
             return "max_completion_tokens"
-        return parameter
+        return super().field_for(parameter)
 
     def conversation(self) -> list[dict[str, Any]]:
         return _conversation(self.messages)

@@ -1,9 +1,11 @@
 """OpenAI completions, chat completions, embeddings and vLLM's tokenizer routes on top of AsyncLLM:
 request -> engine requests -> JSON or SSE.
 
-Each prompt of a request is one engine request (its n completions are forks inside the engine). A
-response is built from the engine's RequestOutputs: the streamed form sends each step's new text
-(`delta_text`) and the log-probabilities of the new tokens; the plain form waits for the end.
+Each prompt of a request is one engine request (its n completions are forks inside the engine; with
+use_beam_search, one beam search of n beams). A response is built from the engine's RequestOutputs: the
+streamed form sends each step's new text (`delta_text`) and the log-probabilities of the new tokens (a
+beam search, whose hypotheses are known only at its end, sends them whole then); the plain form waits for
+the end. best_of > n samples best_of completions and returns the n with the highest mean log-probability.
 
 CPU-heavy preprocessing (chat-template rendering, tokenization, long detokenization) runs in a thread
 pool, never on the event loop: a request with a megabyte prompt must not delay anyone else's /health.
@@ -31,7 +33,8 @@ from ember.engine.llm_engine import TokenizedPrompt
 from ember.errors import EmberError, InvalidRequestError
 from ember.metrics import ServingMetrics
 from ember.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from ember.sampling_params import SamplingParams
+from ember.sampling_params import BeamSearchParams, SamplingParams
+from ember.scaling.selection import mean_logprob
 from ember.server.chat_template import ChatTemplates
 from ember.server.embeddings import batches, mean_pooled
 from ember.server.errors import FieldError, ModelNotServedError
@@ -63,9 +66,11 @@ class Job:
     kind: str  # "text_completion" or "chat.completion"
     response_id: str
     created: int
-    params: SamplingParams
+    params: SamplingParams  # what each prompt samples (n = best_of when the server selects)
     prompts: list[TokenizedPrompt]
     streams: list[RequestStream]
+    n: int  # choices returned per prompt
+    logprobs: int | None  # the top log-probabilities the client asked for (None: no logprobs)
     echo: bool = False
     include_usage: bool = False
     prompt_only: bool = False  # max_tokens 0: the engine's one generated token is dropped
@@ -108,22 +113,23 @@ class OpenAIServing:
         params = request.sampling_params()
         add_special = request.add_special_tokens is not False
         prompts = await self._off_loop(self._prompts, request.prompts(), add_special, "prompt")
-        job = Job("text_completion", f"cmpl-{uuid.uuid4().hex}", int(time.time()), params, prompts, [],
-                   request.echo, request.include_usage, request.scores_prompt_only)  # fmt: skip
+        job = Job("text_completion", f"cmpl-{uuid.uuid4().hex}", int(time.time()), params, prompts, [], request.n,
+                   request.logprobs, request.echo, request.include_usage, request.scores_prompt_only)  # fmt: skip
         return await self._start(job, arrival, request)
 
     async def start_chat(self, request: ChatCompletionRequest, arrival: float) -> Job:
         self.check_model(request.model)
         params = request.sampling_params()
         prompt = await self._off_loop(self._chat_prompt, request, bool(request.add_special_tokens))
-        job = Job("chat.completion", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params, [prompt], [],
-                   include_usage=request.include_usage, called_tools=request.called_tools)  # fmt: skip
+        job = Job("chat.completion", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), params, [prompt], [], request.n,
+                   params.logprobs, include_usage=request.include_usage, called_tools=request.called_tools)  # fmt: skip
         return await self._start(job, arrival, request)
 
     async def _start(self, job: Job, arrival: float, request: CompletionRequest | ChatCompletionRequest) -> Job:
         try:
             for i, prompt in enumerate(job.prompts):
-                job.streams.append(await self.llm.add_request(f"{job.response_id}-{i}", prompt, job.params, arrival))
+                params = self._engine_params(job, request, prompt)
+                job.streams.append(await self.llm.add_request(f"{job.response_id}-{i}", prompt, params, arrival))
         except InvalidRequestError as e:  # the engine's checks (context length, vocabulary)
             job.close()
             raise request.blame(e, type(request).model_fields) from e
@@ -131,6 +137,15 @@ class OpenAIServing:
             job.close()
             raise
         return job
+
+    def _engine_params(
+        self, job: Job, request: CompletionRequest | ChatCompletionRequest, prompt: TokenizedPrompt
+    ) -> SamplingParams | BeamSearchParams:
+        if not request.use_beam_search:
+            return job.params
+        # Without max_tokens a hypothesis may run to the context limit.
+        max_tokens = job.params.max_tokens or self.llm.max_model_len - len(prompt.token_ids)
+        return request.beam_search_params(max_tokens)
 
     async def tokenize(self, request: TokenizeRequest) -> Json:
         self.check_model(request.model)
@@ -226,7 +241,7 @@ class OpenAIServing:
         choices = []
         for prompt_index, output in enumerate(finals):
             assert output is not None
-            for completion in output.outputs:
+            for completion in _best(output.outputs, job.n):
                 choices.append(self._full_choice(job, prompt_index, output, completion))
         return {**self._envelope(job, job.kind), "choices": choices, "usage": _usage(finals)}
 
@@ -236,12 +251,12 @@ class OpenAIServing:
         try:
             if job.kind == "chat.completion":
                 yield _sse(self._chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None} for i in range(job.params.n)]))
+                                               "logprobs": None, "finish_reason": None} for i in range(job.n)]))
             async for prompt_index, output in job.outputs():
                 last[prompt_index] = output
                 choices = [
                     choice
-                    for completion in output.outputs
+                    for completion in _best(output.outputs, job.n)
                     if (choice := self._stream_choice(job, prompt_index, output, completion)) is not None
                 ]
                 if choices:
@@ -273,7 +288,7 @@ class OpenAIServing:
         return chunk
 
     def _full_choice(self, job: Job, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> Json:
-        index = prompt_index * job.params.n + completion.index
+        index = prompt_index * job.n + completion.index
         if job.kind == "chat.completion":
             message: Json = {"role": "assistant", "content": completion.text}
             finish = completion.finish_reason
@@ -284,13 +299,13 @@ class OpenAIServing:
             return {
                 "index": index,
                 "message": message,
-                "logprobs": self._chat_logprobs(completion, 0, job.params.logprobs) if job.params.logprobs is not None else None,
+                "logprobs": self._chat_logprobs(completion, 0, job.logprobs) if job.logprobs is not None else None,
                 "finish_reason": finish,
                 "stop_reason": completion.stop_reason,
             }
         text = completion.text
         logprobs = None
-        if job.params.logprobs is not None:
+        if job.logprobs is not None:
             state = _ChoiceState()
             logprobs = self._echo_logprobs(output, state) if job.echo else _empty_legacy()
             _extend_legacy(logprobs, self._legacy_logprobs(completion, 0, state))
@@ -305,7 +320,7 @@ class OpenAIServing:
         }
 
     def _stream_choice(self, job: Job, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> Json | None:
-        index = prompt_index * job.params.n + completion.index
+        index = prompt_index * job.n + completion.index
         state = job.choices.get(index)
         first = state is None
         if state is None:
@@ -321,7 +336,7 @@ class OpenAIServing:
             return None
         finish = completion.finish_reason
         if job.kind == "chat.completion":
-            logprobs = self._chat_logprobs(completion, start, job.params.logprobs) if job.params.logprobs is not None else None
+            logprobs = self._chat_logprobs(completion, start, job.logprobs) if job.logprobs is not None else None
             delta: Json = {"content": text} if text else {}
             if state.tool_calls is not None:
                 delta, finish = _tool_delta(state.tool_calls, text, finish)
@@ -330,7 +345,7 @@ class OpenAIServing:
             return {"index": index, "delta": delta, "logprobs": logprobs,
                     "finish_reason": finish, "stop_reason": completion.stop_reason if finish else None}
         legacy = None
-        if job.params.logprobs is not None:
+        if job.logprobs is not None:
             legacy = self._echo_logprobs(output, state) if job.echo and first else _empty_legacy()
             _extend_legacy(legacy, self._legacy_logprobs(completion, start, state))
         if job.echo and first:
@@ -388,6 +403,16 @@ class OpenAIServing:
 
     def _chat_token(self, token_id: int, logprob: float | None) -> Json:
         return {"token": self._token_text(token_id), "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token_id))}
+
+
+def _best(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]:
+    """The n choices to return: all of them, a beam search's first n (its hypotheses come best first), or
+    best_of's n with the highest mean log-probability per token (the earlier one on a tie), renumbered."""
+    if len(completions) <= n:
+        return completions
+    if completions[0].score is None:
+        completions = sorted(completions, key=lambda c: -mean_logprob("", c))  # stable: ties keep their order
+    return [replace(c, index=rank) for rank, c in enumerate(completions[:n])]
 
 
 def _fingerprint(llm: AsyncLLM, model_name: str) -> str:
