@@ -445,4 +445,4 @@ def _save(report: dict[str, Any], path: str | None) -> None:
             json.dump(report, f, indent=2)
     except OSError as e:
         raise EmberError(f"cannot write {path!r}: {e.strerror}") from e
-        print(f"wrote {args.output_json}", file=sys.stderr)
+    print(f"wrote {path}", file=sys.stderr)
