@@ -18,6 +18,7 @@ from ember.benchmark import add_bench_parser, run_bench
 from ember.eval.cli import add_eval_parser
 from ember.quant.cli import add_quantize_parser
 from ember.spec.cli import add_calibrate_parser
+from ember.verify.cli import add_verify_arguments, run_verify
 from ember.config import EngineConfig
 from ember.errors import EmberError
 from ember.sampling_params import SamplingParams
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(commands)
     add_quantize_parser(commands)
     add_calibrate_parser(commands)
+    verify = commands.add_parser("verify", help="Token-DiFR: check claimed outputs against this model and configuration")
+    _add_dataclass_flags(verify, EngineConfig, _ENGINE_FLAGS, {})
+    add_verify_arguments(verify)
     return parser
 
 
@@ -202,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(args)
         elif args.command == "serve":
             _run_serve(args)
+        elif args.command == "verify":
+            values = vars(args)
+            run_verify(EngineConfig(**{name: values[name] for name in _ENGINE_FLAGS}), args)
         elif args.command in ("eval", "quantize", "calibrate-layer-skip"):
             args.handler(args)
         else:

@@ -27,6 +27,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     delta_text: str = ""  # text added since the previous output of this step loop (for streaming)
     score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty
+    seed: int | None = None  # the sequence's sampling seed (given or drawn): with it the output can be verified
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -126,4 +126,5 @@ class OutputProcessor:
             finish_reason=request.finish_reason.value if request.finish_reason else None,
             stop_reason=request.stop_reason,
             delta_text=text[emitted:visible] if not request.is_finished else text[emitted:],
+            seed=request.seed,
         )

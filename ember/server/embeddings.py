@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from ember.engine.llm_engine import LLMEngine
 from ember.worker.batch import ForwardBatch
-from ember.worker.kv_cache import KVGroupSpec, PagedKVCache
 
 
 def batches(prompts: list[list[int]], max_tokens: int) -> Iterator[list[list[int]]]:
@@ -45,7 +44,7 @@ def mean_pooled(engine: LLMEngine, prompts: list[list[int]]) -> list[list[float]
     for count in counts:
         tables.append(list(range(next_block, next_block + count)))
         next_block += count
-    cache = _cache_like(engine, next_block)
+    cache = engine.runner.kv_cache.with_blocks(next_block)
     flat = [token for p in prompts for token in p]
     device = engine.config.device
     batch = ForwardBatch(
@@ -61,11 +60,3 @@ def mean_pooled(engine: LLMEngine, prompts: list[list[int]]) -> list[list[float]
     pooled = torch.stack([rows.float().mean(0) for rows in hidden.split(batch.query_lens)])
     return F.normalize(pooled, dim=-1).tolist()
 
-
-def _cache_like(engine: LLMEngine, num_blocks: int) -> PagedKVCache:
-    """A cache with the engine's layer groups, block size and KV dtype, holding `num_blocks` blocks."""
-    spec = engine.runner.kv_cache
-    groups = [KVGroupSpec(g.name, g.window, g.layers, num_blocks) for g in spec.groups]
-    cfg = engine.model_config
-    return PagedKVCache(groups, spec.block_size, cfg.num_key_value_heads, cfg.head_dim, engine.dtype,
-                        engine.config.device, spec.kv_cache_dtype)  # fmt: skip

@@ -112,6 +112,7 @@ class PagedKVCache:
     ) -> None:
         self.groups = groups
         self.block_size = block_size
+        self.num_kv_heads, self.head_dim, self.device = num_kv_heads, head_dim, device
         self.dtype = dtype  # the model's compute dtype: what gather and slice return
         self.kv_cache_dtype = kv_cache_dtype
         self.scheme = kv_quant_scheme(kv_cache_dtype)
@@ -133,6 +134,14 @@ class PagedKVCache:
                     self.key_scales[layer] = torch.empty(shape[:-1], dtype=_SCALE_DTYPE, device=device)
                     self.value_scales[layer] = torch.empty(shape[:-1], dtype=_SCALE_DTYPE, device=device)
         self._initialized = [torch.zeros(spec.num_blocks, dtype=torch.bool, device=device) for spec in groups]
+
+    def with_blocks(self, num_blocks: int) -> PagedKVCache:
+        """A new cache like this one (layer groups, block size, heads, dtypes) of `num_blocks` blocks per
+        group: for a forward outside the engine's requests (embeddings, verification), touching no block of
+        theirs."""
+        groups = [KVGroupSpec(g.name, g.window, g.layers, num_blocks) for g in self.groups]
+        return PagedKVCache(groups, self.block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device,
+                            self.kv_cache_dtype)  # fmt: skip
 
     def _tensors(self, layer: int) -> list[torch.Tensor]:
         """Every tensor of one layer indexed by block (codes and scales of keys and values)."""

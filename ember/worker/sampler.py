@@ -52,9 +52,7 @@ class Sampler:
         """logits: float32 [N, vocab], one row per entry of `rows` (changed in place)."""
         wants_logprobs = [r.num_logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(wants_logprobs) else None
-        for processor in self.processors:
-            logits = processor.apply(logits, rows)
-        logits = _apply_penalties(logits, rows)
+        logits = self.process(logits, rows)
         candidates = _candidates(logits, rows)
         tokens = self._choose(logits, rows)
         token_list = tokens.tolist()
@@ -64,17 +62,32 @@ class Sampler:
         deltas = [p[t].logprob if p is not None else None for p, t in zip(position_logprobs, token_list)]
         return SamplerOutput(token_list, position_logprobs, deltas, candidates)
 
+    def process(self, logits: torch.Tensor, rows: list[LogitsRow]) -> torch.Tensor:
+        """The logits a row's token is chosen from: the logits processors' changes, then the penalties'."""
+        for processor in self.processors:
+            logits = processor.apply(logits, rows)
+        return _apply_penalties(logits, rows)  # type: ignore[arg-type]
+
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         greedy_tokens = argmax(logits)
         greedy = torch.tensor([r.temperature == 0.0 for r in rows], device=logits.device)
         if bool(greedy.all()):
             return greedy_tokens
-        probs = _filtered_probs(logits, rows)
-        uniforms = torch.tensor([position_uniform(r.seed, r.position) for r in rows], device=logits.device)
-        cdf = probs.cumsum(dim=-1)
-        sampled = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-        sampled = sampled.clamp_(max=logits.shape[-1] - 1)
+        sampled, _ = inverse_cdf(filtered_probs(logits, rows), row_uniforms(rows, logits.device))
         return torch.where(greedy, greedy_tokens, sampled)
+
+
+def row_uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+    """Each row's sampling noise: the one uniform of its (seed, position)."""
+    return torch.tensor([position_uniform(r.seed, r.position) for r in rows], dtype=torch.float64, device=device)
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first token whose cumulative probability reaches u times the row's total, and the
+    cumulative sums [N, vocab] it was read from (unnormalized)."""
+    cdf = probs.cumsum(dim=-1)
+    sampled = torch.searchsorted(cdf, (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    return sampled.clamp_(max=probs.shape[-1] - 1), cdf
 
 
 def _candidates(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Candidates | None]:
@@ -128,7 +141,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     return logits
 
 
-def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p, as probabilities (unnormalized is fine for the CDF)."""
     device = logits.device
     params = [r.params for r in rows]

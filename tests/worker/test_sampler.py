@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ember.sampling_params import SamplingParams
-from ember.worker.sampler import Sampler, SamplingRow, _apply_penalties, _filtered_probs
+from ember.worker.sampler import Sampler, SamplingRow, _apply_penalties, filtered_probs
 from ember.worker.sampling_noise import position_uniform
 
 VOCAB = 50
@@ -27,7 +27,7 @@ def test_greedy_is_argmax():
 def test_top_k_top_p_min_p_filters():
     logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(0))
     rows = [_row(top_k=5), _row(top_p=0.5), _row(min_p=0.2), _row()]
-    probs = _filtered_probs(logits, rows)
+    probs = filtered_probs(logits, rows)
     assert (probs[0] > 0).sum() == 5 and set(probs[0].nonzero().flatten().tolist()) == set(logits[0].topk(5).indices.tolist())
     full = logits[1].softmax(-1)
     ordered = full.sort(descending=True).values
