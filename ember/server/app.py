@@ -28,11 +28,11 @@ from ember.server.errors import ApiError, install_error_handling
 from ember.server.middleware import ApiKeyMiddleware, ErrorBoundary, RequestIdMiddleware
 from ember.server.openapi import install_openapi, json_body
 from ember.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, VerifyRequest,
 )
 from ember.server.responses import (
     ERRORS, ChatCompletionResponse, CompletionResponse, DetokenizeResponse, EmbeddingResponse, ModelCard, ModelList,
-    TokenizeResponse, TokenizerInfo,
+    TokenizeResponse, TokenizerInfo, VerifyResponse,
 )
 from ember.server.serving import OpenAIServing, Job
 
@@ -90,7 +90,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, public_paths=settings.public_paths)
     app.add_middleware(RequestIdMiddleware)  # outermost: 401s carry the id too
     install_openapi(app, [CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest,
-                          DetokenizeRequest])  # fmt: skip
+                          DetokenizeRequest, VerifyRequest])  # fmt: skip
 
     async def parse(request: Request, model: type[Model]) -> Model:
         return await read_json(request, model, settings.max_body_bytes, settings.body_timeout)
@@ -121,6 +121,11 @@ def build_app(llm: AsyncLLM, settings: ServerSettings) -> FastAPI:
     async def embeddings(request: Request) -> Any:
         body = await parse(request, EmbeddingRequest)
         return await _abort_on_disconnect(serving.embed(body), request)
+
+    @app.post("/v1/verify", response_model=VerifyResponse, responses=ERRORS, openapi_extra=json_body(VerifyRequest))
+    async def verify(request: Request) -> Any:
+        body = await parse(request, VerifyRequest)
+        return await _abort_on_disconnect(serving.verify(body), request)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> Any:

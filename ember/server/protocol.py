@@ -249,8 +249,9 @@ class _SamplingFields(_Body):
                 if getattr(self, name) != type(self).model_fields[name].default:
                     raise FieldError(f"{name}: only applies with use_beam_search", name)
             return self
-        for name in self._beam_search_conflicts():
-            raise FieldError(f"{name}: not supported with use_beam_search", name)
+        conflicts = self._beam_search_conflicts()
+        if conflicts:
+            raise FieldError(f"{conflicts[0]}: not supported with use_beam_search", conflicts[0])
         return self
 
     def _beam_search_conflicts(self) -> list[str]:
@@ -617,3 +618,11 @@ class EmbeddingRequest(_Body):
 
     def inputs(self) -> list[str | list[int]]:
         return _prompt_list(self.input, "input")
+
+
+class VerifyRequest(_Body):
+    """Claims to verify against the served model: each a claim object as `ember verify` reads them
+    (docs/verification.md), checked one by one."""
+
+    model: str | None = None
+    claims: Annotated[list[Any], Field(min_length=1, max_length=256)]

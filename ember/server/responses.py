@@ -45,6 +45,7 @@ class CompletionChoice(_Response):
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
     stop_reason: int | str | None
+    seed: int | None = None  # the choice's sampling seed (given or drawn), for `POST /v1/verify`; None: beam search
 
 
 class CompletionResponse(_Response):
@@ -94,6 +95,7 @@ class ChatChoice(_Response):
     logprobs: ChatLogprobs | None
     finish_reason: str | None
     stop_reason: int | str | None
+    seed: int | None = None  # as in CompletionChoice
 
 
 class ChatCompletionResponse(_Response):
@@ -159,6 +161,29 @@ class EmbeddingResponse(_Response):
     model: str
     usage: EmbeddingUsage
     pooling: Literal["mean"]  # over the prompt's final hidden states, then L2-normalized
+
+
+class ClaimReport(_Response):
+    id: str | None
+    num_tokens: int
+    exact_match_rate: float
+    mean_margin: float
+    impossible_rate: float
+    margins: list[float | Literal["inf"]]
+    reference_token_ids: list[int]
+
+
+class VerifyResponse(_Response):
+    """Token-DiFR scores of the claims against the served model (docs/verification.md)."""
+
+    num_claims: int
+    num_tokens: int
+    exact_match_rate: float
+    mean_margin: float
+    impossible_rate: float
+    seconds: float
+    tokens_per_second: float
+    claims: list[ClaimReport]
 
 
 # For the OpenAPI description of the statuses a route can answer with.

@@ -39,9 +39,10 @@ from ember.server.chat_template import ChatTemplates
 from ember.server.embeddings import batches, mean_pooled
 from ember.server.errors import FieldError, ModelNotServedError
 from ember.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, VerifyRequest,
 )
 from ember.server.tools import ToolCall, ToolCallParser, parse_tool_calls
+from ember.verify import TokenVerifier, VerifyReport, claim_from_dict
 
 logger = logging.getLogger("ember")
 
@@ -168,6 +169,27 @@ class OpenAIServing:
                 for i, v in enumerate(vectors)]  # fmt: skip
         return {"object": "list", "data": data, "model": self.model_name, "pooling": "mean",
                 "usage": {"prompt_tokens": count, "total_tokens": count}}  # fmt: skip
+
+    async def verify(self, request: VerifyRequest) -> Json:
+        """Token-DiFR scores of the claims against the served model, a batch of claims per call into the step
+        loop so generation steps run between batches."""
+        self.check_model(request.model)
+        vocab = self.llm.engine.model_config.vocab_size
+        claims = []
+        for i, raw in enumerate(request.claims):
+            try:
+                claims.append(claim_from_dict(raw, vocab))
+            except InvalidRequestError as e:
+                raise FieldError(f"claims[{i}]: {e}", f"claims[{i}]") from e
+        verifier = TokenVerifier(self.llm.engine)
+        start, results = time.perf_counter(), []
+        for first in range(0, len(claims), verifier.batch_size):
+            batch = claims[first : first + verifier.batch_size]
+            try:
+                results += await self.llm.run_in_step_loop(lambda _, batch=batch: verifier.verify_batch(batch))
+            except InvalidRequestError as e:  # a claim longer than the context
+                raise FieldError(f"claims: {e}", "claims") from e
+        return VerifyReport(results, time.perf_counter() - start).to_dict()
 
     def model_card(self) -> Json:
         return {"id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "ember",
@@ -302,6 +324,7 @@ class OpenAIServing:
                 "logprobs": self._chat_logprobs(completion, 0, job.logprobs) if job.logprobs is not None else None,
                 "finish_reason": finish,
                 "stop_reason": completion.stop_reason,
+                "seed": completion.seed,
             }
         text = completion.text
         logprobs = None
@@ -317,6 +340,7 @@ class OpenAIServing:
             "logprobs": logprobs,
             "finish_reason": completion.finish_reason,
             "stop_reason": completion.stop_reason,
+            "seed": completion.seed,
         }
 
     def _stream_choice(self, job: Job, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> Json | None:
@@ -342,8 +366,8 @@ class OpenAIServing:
                 delta, finish = _tool_delta(state.tool_calls, text, finish)
                 if not delta and finish is None and logprobs is None:  # all held back: nothing to say yet
                     return None
-            return {"index": index, "delta": delta, "logprobs": logprobs,
-                    "finish_reason": finish, "stop_reason": completion.stop_reason if finish else None}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                    "stop_reason": completion.stop_reason if finish else None, "seed": completion.seed}
         legacy = None
         if job.logprobs is not None:
             legacy = self._echo_logprobs(output, state) if job.echo and first else _empty_legacy()
@@ -351,7 +375,7 @@ class OpenAIServing:
         if job.echo and first:
             text = self._prompt_text(job.prompts[prompt_index]) + text
         return {"index": index, "text": text, "logprobs": legacy, "finish_reason": finish,
-                "stop_reason": completion.stop_reason if finish else None}
+                "stop_reason": completion.stop_reason if finish else None, "seed": completion.seed}
 
     def _prompt_text(self, prompt: TokenizedPrompt) -> str:
         return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)

@@ -45,7 +45,7 @@ def claim_from_dict(data: Any, vocab_size: int) -> Claim:
         raise InvalidRequestError("sampling_params must be an object of SamplingParams fields")
     try:
         params = SamplingParams(**raw_params)
-    except TypeError as e:  # an unknown field name
+    except (TypeError, ValueError, AttributeError) as e:  # an unknown field name, a value of the wrong shape
         raise InvalidRequestError(f"sampling_params: {e}") from e
     except InvalidRequestError as e:
         raise InvalidRequestError(f"sampling_params: {e}") from e

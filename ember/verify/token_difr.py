@@ -123,7 +123,7 @@ class TokenVerifier:
         self.sampler = Sampler(default_processors())
 
     def verify(self, claim: Claim) -> ClaimResult:
-        return self._verify_batch([claim])[0]
+        return self.verify_batch([claim])[0]
 
     def verify_all(self, claims: Sequence[Claim], progress: bool = False) -> VerifyReport:
         start = time.perf_counter()
@@ -132,12 +132,13 @@ class TokenVerifier:
                   disable=not progress) as bar:  # fmt: skip
             for first in range(0, len(claims), self.batch_size):
                 batch = claims[first : first + self.batch_size]
-                results += self._verify_batch(batch)
+                results += self.verify_batch(batch)
                 bar.update(sum(len(c.output_token_ids) for c in batch))
         return VerifyReport(results, time.perf_counter() - start)
 
     @torch.inference_mode()
-    def _verify_batch(self, claims: Sequence[Claim]) -> list[ClaimResult]:
+    def verify_batch(self, claims: Sequence[Claim]) -> list[ClaimResult]:
+        """Claims teacher-forced together (at most batch_size of them is the intent)."""
         engine = self.engine
         for claim in claims:
             length = len(claim.prompt_token_ids) + len(claim.output_token_ids)

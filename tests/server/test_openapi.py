@@ -24,7 +24,7 @@ from schemathesis.checks import (  # noqa: E402
 ROUTES = {
     ("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("post", "/v1/embeddings"), ("get", "/v1/models"),
     ("get", "/v1/models/{model_id}"), ("post", "/tokenize"), ("post", "/detokenize"), ("get", "/tokenizer_info"),
-    ("get", "/health"), ("get", "/metrics"),
+    ("get", "/health"), ("get", "/metrics"), ("post", "/v1/verify"),
 }
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]  # fmt: skip

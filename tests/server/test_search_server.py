@@ -111,3 +111,34 @@ def test_abandoned_beam_search_frees_every_block(server):
                    headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})  # fmt: skip
     _wait_idle(server)
     assert server.metric("ember:kv_cache_blocks_used") == 0
+
+
+def test_served_outputs_verify_with_their_seeds(server, client, offline):
+    """A seedless sampled completion reports the seed each choice drew: the offline engine reproduces the
+    choice from it, and `POST /v1/verify` scores those tokens as the served model's own (exact match 1.0);
+    claimed with another seed they are not."""
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=1.0, n=2)
+    seeds = [c.model_extra["seed"] for c in got.choices]
+    assert all(isinstance(s, int) for s in seeds) and seeds[0] != seeds[1]
+    prompt_ids = offline.get_tokenizer().encode(PROMPTS[0])
+    outputs = []
+    for choice, seed in zip(got.choices, seeds):
+        again = offline.generate([prompt_ids], SamplingParams(temperature=1.0, max_tokens=12, seed=seed),
+                                 use_tqdm=False)[0].outputs[0]  # fmt: skip
+        assert again.text == choice.text
+        outputs.append(again.token_ids)
+
+    def verify(seed_offset: int) -> httpx.Response:
+        claims = [{"prompt_token_ids": prompt_ids, "output_token_ids": tokens, "seed": seed + seed_offset,
+                   "sampling_params": {"temperature": 1.0, "max_tokens": 12}} for tokens, seed in zip(outputs, seeds)]
+        return httpx.post(server.url + "/v1/verify", json={"claims": claims}, timeout=120,
+                          headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+
+    honest = verify(0).json()
+    assert honest["num_claims"] == 2 and honest["num_tokens"] == sum(map(len, outputs))
+    assert honest["exact_match_rate"] == 1.0 and honest["mean_margin"] == 0.0
+    assert [r["reference_token_ids"] for r in honest["claims"]] == outputs
+    assert verify(1).json()["exact_match_rate"] < 1.0
+    bad = httpx.post(server.url + "/v1/verify", json={"claims": [{"prompt_token_ids": [1]}]},
+                     headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "claims[0]"
