@@ -115,11 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    values = vars(args)
+    return EngineConfig(**{name: values[name] for name in _ENGINE_FLAGS})
+
+
 def _split_args(args: argparse.Namespace) -> tuple[EngineConfig, SamplingParams]:
     values = vars(args)
-    engine = EngineConfig(**{name: values[name] for name in _ENGINE_FLAGS})
-    sampling = SamplingParams(**{name: values[name] for name in _SAMPLING_FLAGS})
-    return engine, sampling
+    return _engine_config(args), SamplingParams(**{name: values[name] for name in _SAMPLING_FLAGS})
 
 
 def _stream(engine: Any, request_id: str, prompt: str | list[int], params: SamplingParams) -> str:
@@ -176,8 +179,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     from ember.server.app import ServerSettings
     from ember.server.launch import serve, served_model_name
 
-    values = vars(args)
-    config = EngineConfig(**{name: values[name] for name in _ENGINE_FLAGS})
+    config = _engine_config(args)
     if args.max_waiting_requests < 1:
         raise EmberError("--max-waiting-requests must be at least 1")
     logging.getLogger("ember").setLevel(logging.INFO)  # the startup lines: model, KV capacity, address
@@ -207,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             _run_serve(args)
         elif args.command == "verify":
-            values = vars(args)
-            run_verify(EngineConfig(**{name: values[name] for name in _ENGINE_FLAGS}), args)
+            run_verify(_engine_config(args), args)
         elif args.command in ("eval", "quantize", "calibrate-layer-skip"):
             args.handler(args)
         else:

@@ -38,13 +38,7 @@ def batches(prompts: list[list[int]], max_tokens: int) -> Iterator[list[list[int
 @torch.inference_mode()
 def mean_pooled(engine: LLMEngine, prompts: list[list[int]]) -> list[list[float]]:
     """One forward over `prompts` (token ids, each from position 0) -> one unit vector per prompt."""
-    block_size = engine.runner.kv_cache.block_size
-    counts = [-(-len(p) // block_size) for p in prompts]
-    tables, next_block = [], 1  # block 0 is the cache's padding block
-    for count in counts:
-        tables.append(list(range(next_block, next_block + count)))
-        next_block += count
-    cache = engine.runner.kv_cache.with_blocks(next_block)
+    cache, tables = engine.runner.kv_cache.scratch_for([len(p) for p in prompts])
     flat = [token for p in prompts for token in p]
     device = engine.config.device
     batch = ForwardBatch(

@@ -59,8 +59,7 @@ class ClaimResult:
     @property
     def mean_margin(self) -> float:
         """Mean of the finite margins (0 when every token is impossible)."""
-        finite = [m for m in self.margins if math.isfinite(m)]
-        return sum(finite) / len(finite) if finite else 0.0
+        return _finite_mean(self.margins)
 
     @property
     def impossible_rate(self) -> float:
@@ -89,13 +88,12 @@ class VerifyReport:
 
     def __post_init__(self) -> None:
         margins = [m for c in self.claims for m in c.margins]
-        finite = [m for m in margins if math.isfinite(m)]
         self.aggregate = {
             "num_claims": len(self.claims),
             "num_tokens": len(margins),
             "exact_match_rate": sum(sum(c.exact) for c in self.claims) / max(1, len(margins)),
-            "mean_margin": sum(finite) / len(finite) if finite else 0.0,
-            "impossible_rate": (len(margins) - len(finite)) / max(1, len(margins)),
+            "mean_margin": _finite_mean(margins),
+            "impossible_rate": sum(1 for m in margins if math.isinf(m)) / max(1, len(margins)),
             "seconds": self.seconds,
             "tokens_per_second": len(margins) / self.seconds if self.seconds > 0 else 0.0,
         }
@@ -147,13 +145,9 @@ class TokenVerifier:
                     f"claim of {len(claim.prompt_token_ids)} prompt + {len(claim.output_token_ids)} output tokens "
                     f"exceeds the model's context (max_model_len) of {engine.max_model_len} tokens"
                 )
-        block_size = engine.runner.kv_cache.block_size
-        tables, next_block = [], 1  # block 0 is the cache's padding block
-        for claim in claims:
-            count = -(-(len(claim.prompt_token_ids) + len(claim.output_token_ids)) // block_size)
-            tables.append(list(range(next_block, next_block + count)))
-            next_block += count
-        cache = engine.runner.kv_cache.with_blocks(next_block)
+        cache, tables = engine.runner.kv_cache.scratch_for(
+            [len(c.prompt_token_ids) + len(c.output_token_ids) for c in claims]
+        )
         reference: list[list[int]] = [[] for _ in claims]
         margins: list[list[float]] = [[] for _ in claims]
 
@@ -259,6 +253,11 @@ def _sampled_margins(
     u = uniforms.unsqueeze(-1)
     distance = torch.clamp(torch.maximum(upper - mass - u, u - upper), min=0.0)
     return tokens, torch.where(mass > 0, distance, math.inf).squeeze(-1)
+
+
+def _finite_mean(margins: list[float]) -> float:
+    finite = [m for m in margins if math.isfinite(m)]
+    return sum(finite) / len(finite) if finite else 0.0
 
 
 def _unreachable(claim: Claim, eos_token_ids: list[int]) -> list[int]:

@@ -135,13 +135,19 @@ class PagedKVCache:
                     self.value_scales[layer] = torch.empty(shape[:-1], dtype=_SCALE_DTYPE, device=device)
         self._initialized = [torch.zeros(spec.num_blocks, dtype=torch.bool, device=device) for spec in groups]
 
-    def with_blocks(self, num_blocks: int) -> PagedKVCache:
-        """A new cache like this one (layer groups, block size, heads, dtypes) of `num_blocks` blocks per
-        group: for a forward outside the engine's requests (embeddings, verification), touching no block of
-        theirs."""
-        groups = [KVGroupSpec(g.name, g.window, g.layers, num_blocks) for g in self.groups]
-        return PagedKVCache(groups, self.block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device,
-                            self.kv_cache_dtype)  # fmt: skip
+    def scratch_for(self, lengths: list[int]) -> tuple[PagedKVCache, list[list[int]]]:
+        """A new cache like this one (layer groups, block size, heads, dtypes) with room for sequences of
+        these lengths, and each sequence's block table in it: for a forward outside the engine's requests
+        (embeddings, verification), touching no block of theirs."""
+        tables, next_block = [], 1  # block 0 is the cache's padding block
+        for length in lengths:
+            count = -(-length // self.block_size)
+            tables.append(list(range(next_block, next_block + count)))
+            next_block += count
+        groups = [KVGroupSpec(g.name, g.window, g.layers, next_block) for g in self.groups]
+        cache = PagedKVCache(groups, self.block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device,
+                             self.kv_cache_dtype)  # fmt: skip
+        return cache, tables
 
     def _tensors(self, layer: int) -> list[torch.Tensor]:
         """Every tensor of one layer indexed by block (codes and scales of keys and values)."""

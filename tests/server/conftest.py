@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import openai
 import pytest
 
+from ember import LLM
+
 from live_server import API_KEY, LiveServer
 
 
@@ -25,6 +27,17 @@ def server(model_dir: str) -> Iterator[LiveServer]:
                       "--header-timeout", "2", "--body-timeout", "5")  # fmt: skip
     yield live
     live.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def offline(model_dir: str) -> LLM:
+    """The server's engine offline, in the server's dtype (float32: outputs independent of the batch)."""
+    return LLM(model_dir, kv_cache_memory=0.5, dtype="float32")
 
 
 @pytest.fixture(scope="session")

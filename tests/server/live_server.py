@@ -58,6 +58,15 @@ class LiveServer:
             return default
         raise KeyError(name)
 
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until no request is running or waiting."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.metric("ember:num_requests_running") == 0 and self.metric("ember:num_requests_waiting") == 0:
+                return
+            time.sleep(0.05)
+        raise AssertionError("server did not become idle")
+
     def stop(self) -> None:
         self.process.terminate()
         try:

@@ -17,29 +17,9 @@ from live_server import API_KEY, LiveServer
 PROMPTS = ["The quick brown fox", "def add(a, b):", "Once upon a time", "1, 2, 3, 4,", "Hello, world"]
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir) -> LLM:
-    """The server's engine offline, in the server's dtype (float32: outputs independent of the batch)."""
-    return LLM(model_dir, kv_cache_memory=0.5, dtype="float32")
-
-
 def _greedy(llm: LLM, prompts: list[str], max_tokens: int) -> list[str]:
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
     return [o.outputs[0].text for o in outputs]
-
-
-def _wait_idle(server: LiveServer, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.metric("ember:num_requests_running") == 0 and server.metric("ember:num_requests_waiting") == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError("server did not become idle")
 
 
 def test_models_and_health(server, client):
@@ -205,7 +185,7 @@ def test_32_concurrent_streams(server, offline):
 
 
 def test_disconnects_free_every_block(server):
-    _wait_idle(server)
+    server.wait_idle()
     assert server.metric("ember:kv_cache_blocks_used") == 0
 
     async def leave_early(client: httpx.AsyncClient, i: int) -> int:
@@ -225,7 +205,7 @@ def test_disconnects_free_every_block(server):
             return await asyncio.gather(*(leave_early(client, i) for i in range(10)))
 
     assert asyncio.run(run()) == [3] * 10
-    _wait_idle(server)
+    server.wait_idle()
     assert server.metric("ember:kv_cache_blocks_used") == 0
     assert server.metric("ember:generation_tokens_total") > 0
 
@@ -296,7 +276,7 @@ def test_bench_serve_reports_failures_without_crashing(server, model_dir, tmp_pa
 
 
 def test_non_streaming_disconnect_aborts(server):
-    _wait_idle(server)
+    server.wait_idle()
     length_finished = server.metric('ember:request_success_total{finished_reason="length"', default=0)
     body = json.dumps({"model": "tiny", "prompt": "long one", "max_tokens": 480, "temperature": 0, "ignore_eos": True})
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
@@ -307,7 +287,7 @@ def test_non_streaming_disconnect_aborts(server):
         while server.metric("ember:num_requests_running") == 0:  # hang up once it is being generated
             assert time.monotonic() < deadline
             time.sleep(0.01)
-    _wait_idle(server)
+    server.wait_idle()
     assert server.metric("ember:kv_cache_blocks_used") == 0
     # it was aborted, not run to its end
     assert server.metric('ember:request_success_total{finished_reason="length"', default=0) == length_finished

@@ -5,41 +5,19 @@ highest mean log-probability per token."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
-import openai
 import pytest
 
 from ember import LLM, BeamSearchParams, SamplingParams
-from live_server import API_KEY, LiveServer
+from live_server import API_KEY
 
 PROMPTS = ["The quick brown fox", "def add(a, b):"]
 MESSAGES = [{"role": "user", "content": "Say something."}]
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir) -> LLM:
-    """The server's engine offline, in the server's dtype (float32: outputs independent of the batch)."""
-    return LLM(model_dir, kv_cache_memory=0.5, dtype="float32")
-
-
 def _beams(llm: LLM, prompt: str | list[int], params: BeamSearchParams) -> list[str]:
     return [h.text for h in llm.beam_search([prompt], params, use_tqdm=False)[0].outputs]
-
-
-def _wait_idle(server: LiveServer, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.metric("ember:num_requests_running") == 0 and server.metric("ember:num_requests_waiting") == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError("server did not become idle")
 
 
 @pytest.mark.parametrize("length_penalty,early_stopping", [(1.0, False), (0.5, True), (2.0, "never")])
@@ -103,13 +81,13 @@ def test_best_of_returns_the_sample_with_the_best_mean_logprob(client, offline):
 
 def test_abandoned_beam_search_frees_every_block(server):
     """A client that gives up on a long beam search: its beams are aborted and every KV block comes back."""
-    _wait_idle(server)
+    server.wait_idle()
     body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 400, "n": 4, "ignore_eos": True,
             "use_beam_search": True}  # fmt: skip
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", content=json.dumps(body), timeout=1.5,
                    headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})  # fmt: skip
-    _wait_idle(server)
+    server.wait_idle()
     assert server.metric("ember:kv_cache_blocks_used") == 0
 
 
