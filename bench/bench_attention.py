@@ -3,7 +3,7 @@
 Times `ForwardBatch.attention` (cache write included) for B sequences with q_len new queries each over a
 C-token cache, through the paged kernel in one call ("batched") against today's per-sequence path in the
 same run ("per-seq": decode rows in the kernel, every multi-query sequence its own gather/slice + mask +
-SDPA, i.e. MAX_PAGED_QUERIES = 1). Decode (q_len 1) is also timed against the decode-only kernel of an
+SDPA, i.e. ForwardBatch.max_paged_queries = 1). Decode (q_len 1) is also timed against the decode-only kernel of an
 earlier commit (built from `git show REV:ember/kernels/paged_attention.cpp`), which must not be faster;
 "max diff" is the largest difference between their outputs (the new kernel's vector exp differs from
 std::exp by < 1 ulp).
@@ -29,7 +29,6 @@ import ember  # noqa: F401  (OpenMP wait policy before torch loads)
 import torch
 
 from ember.kernels.paged_attention import paged_attention_module
-from ember.worker import batch as batch_module
 from ember.worker.batch import ForwardBatch
 from ember.worker.kv_cache import KVGroupSpec, PagedKVCache
 
@@ -96,7 +95,7 @@ class Step:
                 pool.view(torch.uint8).copy_(codes.view(torch.uint8))
                 scales.copy_(new_scales)
 
-    def forward_batch(self) -> ForwardBatch:
+    def forward_batch(self, max_paged_queries: int | None = None) -> ForwardBatch:
         tokens = self.batch * self.q_len
         positions = [p for _ in range(self.batch) for p in range(self.context, self.context + self.q_len)]
         return ForwardBatch(
@@ -107,16 +106,12 @@ class Step:
             block_tables=[self.tables],
             logits_indices=torch.arange(tokens),
             kv_cache=self.cache,
+            max_paged_queries=max_paged_queries,
         )
 
-    def layer(self, max_paged_queries: int) -> Callable[[], torch.Tensor]:
-        """One layer's attention, routed with this MAX_PAGED_QUERIES (metadata built once, as per step)."""
-        saved = batch_module.MAX_PAGED_QUERIES
-        batch_module.MAX_PAGED_QUERIES = max_paged_queries
-        try:
-            fb = self.forward_batch()
-        finally:
-            batch_module.MAX_PAGED_QUERIES = saved
+    def layer(self, max_paged_queries: int | None) -> Callable[[], torch.Tensor]:
+        """One layer's attention, routed with this max_paged_queries (metadata built once, as per step)."""
+        fb = self.forward_batch(max_paged_queries)
         return lambda: fb.attention(0, self.q, self.k, self.v, self.dim**-0.5, None, None)
 
     def decode_args(self) -> tuple:
@@ -182,7 +177,7 @@ def main() -> None:
     for model in models:
         for context in contexts:
             step = Step(HEADS[model], args.batch, args.q_len, context, dtype, args.kv_cache_dtype, args.shuffled)
-            paths = {"old": step.layer(1), "new": step.layer(batch_module.MAX_PAGED_QUERIES)}
+            paths = {"old": step.layer(1), "new": step.layer(None)}
             times = race(paths, args.repeats, args.budget)
             print(f"| {model} ({'/'.join(map(str, HEADS[model]))}) | {context} | {args.batch} x {args.q_len} | "
                   f"{times['old']:.3f} | {times['new']:.3f} | {times['old'] / times['new']:.2f}x |", flush=True)
@@ -211,7 +206,7 @@ def sweep(models: list[str], contexts: list[int], args: argparse.Namespace, dtyp
             for batch in (1, args.batch):
                 for q_len in (2, 5, 9, 17, 32, 64):
                     step = Step(HEADS[model], batch, q_len, context, dtype, args.kv_cache_dtype, args.shuffled)
-                    times = race({"sdpa": step.layer(1), "kernel": step.layer(1 << 20)}, args.repeats, args.budget)
+                    times = race({"sdpa": step.layer(1), "kernel": step.layer(None)}, args.repeats, args.budget)
                     print(f"| {model} | {context} | {batch} | {q_len} | {times['sdpa']:.3f} | {times['kernel']:.3f} | "
                           f"{times['kernel'] / times['sdpa']:.2f} |", flush=True)
 

@@ -1,4 +1,4 @@
-"""The bf16 GEMV kernel against a float32 reference, and its fallback rules."""
+"""The bf16 GEMV / GEMM kernel against a float32 reference, its batch invariance, and its fallback rules."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ needs_kernel = pytest.mark.skipif(gemv_module() is None, reason="no avx512_bf16 
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 13, 64, 131])
 @pytest.mark.parametrize("out_features, in_features", [(1536, 640), (13, 100), (262, 37), (4, 32), (7, 2048)])
 def test_kernel_matches_float32_reference(rows, out_features, in_features):
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
@@ -34,12 +34,32 @@ def test_kernel_handles_3d_inputs_and_noncontiguous_weights():
     assert torch.allclose(linear(x, w).float(), F.linear(x.float(), w.float()), rtol=2e-2, atol=2e-2)
 
 
+@needs_kernel
+@pytest.mark.parametrize("out_features, in_features", [(1536, 640), (262, 37), (7, 2048), (103, 96)])
+def test_kernel_rows_are_bitwise_batch_invariant(out_features, in_features):
+    """Each row alone (the GEMV) equals the same row inside any batch (GEMV up to 8 rows, blocked GEMM beyond,
+    where tiles of 6 rows and W blocks cut the batch at different places), with 1 or 2 threads."""
+    g = torch.Generator().manual_seed(out_features)
+    x = torch.randn(150, in_features, generator=g).bfloat16()
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    alone = torch.cat([linear(x[i : i + 1], w, out_dtype=torch.float32) for i in range(len(x))])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for start, stop in [(0, 150), (3, 11), (7, 70), (0, 5), (149, 150), (20, 81)]:
+                assert torch.equal(linear(x[start:stop], w, out_dtype=torch.float32), alone[start:stop])
+                assert torch.equal(linear(x[start:stop], w), alone[start:stop].bfloat16())
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fallback_cases_use_f_linear():
     w = torch.randn(16, 32).bfloat16()
-    assert not uses_kernel(torch.randn(MAX_ROWS + 1, 32).bfloat16(), w)  # big batch: GEMM territory
+    assert not uses_kernel(torch.randn(MAX_ROWS + 1, 32).bfloat16(), w, invariant=False)  # oneDNN's GEMM
     assert not uses_kernel(torch.randn(1, 32), w.float())  # float32 model
     x = torch.randn(MAX_ROWS + 1, 32).bfloat16()
-    assert torch.equal(linear(x, w), F.linear(x, w))
+    assert torch.equal(linear(x, w, invariant=False), F.linear(x, w))
 
 
 needs_paged = pytest.mark.skipif(paged_attention_module() is None, reason="kernel cannot be built here")

@@ -18,6 +18,7 @@ from ember.engine.sequence_group import SequenceGroup
 from ember.errors import InvalidRequestError
 from ember.loader.model_loader import load_model, resolve_model
 from ember.model_zoo import default_model_path
+from ember.models.layers.linear import Linear
 from ember.outputs import CompletionOutput, RequestOutput, StepSearchState
 from ember.quant.config import QuantConfig
 from ember.sampling_params import BeamSearchParams, SamplingParams, StepBoundary
@@ -65,6 +66,11 @@ class LLMEngine:
         skip_layers = check_skip_layers(speculative, self.model_config) if method == "layer_skip" else frozenset()
         model = load_model(source, self.dtype, config.device, quant)
         draft = load_model(draft_source, self.dtype, config.device, quant) if draft_source else None
+        if not config.batch_invariant:
+            for loaded in (model, draft):
+                for module in loaded.modules() if loaded is not None else ():
+                    if isinstance(module, Linear):
+                        module.batch_invariant = False
         kv_cache = self._allocate_kv_cache(draft.config if draft else None)
         draft_cache = draft_kv_cache(draft.config, kv_cache, self.dtype, config.device) if draft else None
         self.kv_manager = KVCacheManager(

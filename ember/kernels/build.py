@@ -83,8 +83,7 @@ def _build_or_load(name: str) -> ModuleType:
     import torch  # noqa: F401  (the module links against the libtorch that torch loads)
 
     source = os.path.join(os.path.dirname(__file__), f"{name}.cpp")
-    with open(source, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    digest = _source_digest(source)
     # One directory per source version and target: two checkouts (or versions) never rebuild each other's.
     arch = target_arch()
     build_dir = os.path.join(cache_dir(), "kernels", f"{name}-{digest}" + ("" if arch == "native" else f"-{arch}"))
@@ -95,6 +94,15 @@ def _build_or_load(name: str) -> ModuleType:
             if not os.path.exists(module_path):  # else built while we waited
                 _build(name, source, build_dir)
     return _import(f"ember_{name}", module_path)
+
+
+def _source_digest(source: str) -> str:
+    """The kernel's source and every header beside it (a shared header changes each kernel that includes it)."""
+    h = hashlib.sha256()
+    for path in [source, *sorted(glob.glob(os.path.join(os.path.dirname(source), "*.h")))]:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
 
 
 @contextmanager

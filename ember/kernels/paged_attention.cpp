@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <immintrin.h>
+#include "simd_reduce.h"
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -123,23 +124,7 @@ inline void with_tile(int64_t t, F&& f) {
   }
 }
 
-// Lane l of the result is the sum of v[l]'s 16 elements: the pairs (i, i+8), (i, i+4), (i, i+2), (i, i+1) of
-// _mm512_reduce_add_ps, for 16 vectors at once (45 instructions instead of 16 * 8).
-inline __m512 reduce16(const __m512 (&v)[16]) {
-  __m512 s[8], t[4], u[2];
-  // The shuffles below leave vector x in lane (x % 4) * 4 + x / 4; feeding them in that order undoes it.
-  auto in = [&](int x) { return v[(x % 4) * 4 + x / 4]; };
-  for (int m = 0; m < 8; ++m) {
-    const __m512 a = in(2 * m), b = in(2 * m + 1);
-    s[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  }
-  for (int m = 0; m < 4; ++m)
-    t[m] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * m], s[2 * m + 1], 0x88),
-                         _mm512_shuffle_f32x4(s[2 * m], s[2 * m + 1], 0xDD));
-  for (int m = 0; m < 2; ++m)
-    u[m] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * m], t[2 * m + 1], 0x44), _mm512_shuffle_ps(t[2 * m], t[2 * m + 1], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
-}
+using ember_simd::reduce16;  // simd_reduce.h: the fixed summation tree
 
 // exp(x) for x <= 0 (a score minus its row's max): 2^k * e^r with k = round(x / ln 2), |r| <= ln 2 / 2, e^r
 // by its degree-7 Taylor polynomial (truncation below 1e-8 relative, so the error is fp32 rounding, ~1 ulp),

@@ -50,10 +50,10 @@ class Segment:
     weight: torch.Tensor | None = None  # float [rows, K] when not packed
     scheme: QuantScheme | None = None  # what the packed codes are (None for float)
 
-    def apply(self, x: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, out_dtype: torch.dtype | None, invariant: bool = True) -> torch.Tensor:
         if self.packed is not None:
             return quant_linear(x, self.packed, None, out_dtype)
-        return linear(x, self.weight, None, out_dtype)
+        return linear(x, self.weight, None, out_dtype, invariant)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [rows, K]."""
@@ -112,7 +112,7 @@ class UnquantizedMethod:
         pass
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None) -> torch.Tensor:
-        return linear(x, layer.weight, bias, out_dtype)
+        return linear(x, layer.weight, bias, out_dtype, layer.batch_invariant)
 
     def embedding(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)
@@ -175,7 +175,7 @@ class QuantizedMethod:
         if len(self.segments) == 1 and self.segments[0].packed is not None:
             return quant_linear(x, self.segments[0].packed, bias, out_dtype)
         # Float accumulation across segments keeps out_dtype=float32 logits exact to the kernel's accumulators.
-        parts = [s.apply(x, torch.float32 if out_dtype == torch.float32 else None) for s in self.segments]
+        parts = [s.apply(x, torch.float32 if out_dtype == torch.float32 else None, layer.batch_invariant) for s in self.segments]
         y = torch.cat(parts, dim=-1)
         if bias is not None:
             y = y + bias

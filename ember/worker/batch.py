@@ -12,16 +12,14 @@ from ember.kernels.paged_attention import kernel_applies, paged_attention
 from ember.worker.kv_cache import PagedKVCache
 
 
-# Sequences with at most this many new queries share one paged-kernel call per layer (decode, k+1-token
-# verification, short chunks after a prefix hit). Longer prefills are compute-bound and go to SDPA per
-# sequence: its blocked GEMMs overtake the kernel between 17 and 32 queries (BENCHMARKS.md, q_len sweep).
-MAX_PAGED_QUERIES = 16
-
-
+# Without the paged kernel (another device, no compiler), decode sequences share one gathered call and each
+# longer prefill chunk gets its own SDPA call. With it, every sequence goes through the kernel whatever its
+# query count: its per-row arithmetic does not depend on the batch or on how a prompt is chunked (batch
+# invariance), and it is as fast as SDPA at 512-token chunks and 1.5x faster at 2000 (BENCHMARKS.md).
 @dataclass
 class _Segment:
-    """Sequences attended to in one call: all short query blocks together in the paged kernel, or (without
-    the kernel) all decode sequences together, and each longer prefill chunk alone. Padding stays small:
+    """Sequences attended to in one call: every sequence together in the paged kernel, or (without the
+    kernel) all decode sequences together, and each longer prefill chunk alone. Padding stays small:
     short rows are never padded to a chunk's length."""
 
     seqs: list[int]
@@ -66,6 +64,9 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # rows of the hidden states whose logits are needed
     kv_cache: PagedKVCache
     skip_layers: frozenset[int] = frozenset()  # layers the model passes over (a layer-skip draft)
+    # With the paged kernel: None sends every sequence to it; a number sends longer chunks to SDPA instead
+    # (not batch invariant; benchmarks compare the two routes with it).
+    max_paged_queries: int | None = None
     _slot_mappings: list[torch.Tensor] = field(init=False)
     _segments: list[_Segment] = field(init=False)
     _layouts: dict[tuple[int, int, int | None], _KeyLayout] = field(init=False, default_factory=dict)
@@ -138,7 +139,9 @@ class ForwardBatch:
         starts = [0]
         for n in self.query_lens:
             starts.append(starts[-1] + n)
-        most = MAX_PAGED_QUERIES if self._paged_kernel else 1
+        most = 1
+        if self._paged_kernel:
+            most = max(self.query_lens, default=0) if self.max_paged_queries is None else self.max_paged_queries
         short = [b for b, n in enumerate(self.query_lens) if 0 < n <= most]
         long = [b for b, n in enumerate(self.query_lens) if n > most]
         segments = []

@@ -29,6 +29,9 @@ class Linear(nn.Module):
         assert sum(self.shard_sizes) == out_features
         self.dtype = torch.get_default_dtype()  # float weights and activations (the model dtype)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        # Float weights in bf16 go through ember's kernel at every row count, so a row's output does not depend
+        # on the batch; False lets large batches use oneDNN's faster GEMM (EngineConfig.batch_invariant).
+        self.batch_invariant = True
         self.method: LinearMethod = UnquantizedMethod()
         self.method.create_weights(self)
 
