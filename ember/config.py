@@ -234,5 +234,5 @@ class EngineConfig:
     batch_invariant: bool = True
     """A request's logits are bitwise identical whatever else is in its batch and however its prompt is
     chunked (bf16, GGUF, int4/int8 weights, quantized KV; not float32/float16 weights, which use oneDNN).
-    False lets bf16 float weights use oneDNN's GEMM from 9 rows on: up to ~1.5x faster matmuls at large
+    False lets bf16 float weights use oneDNN's GEMM from 9 rows on: up to ~1.6x faster matmuls at large
     batches, results that depend on the batch."""

@@ -8,7 +8,7 @@
 // rows share a tile, how work is split across threads and how many threads there are:
 //   acc = 0; for each 32 k in order: acc = vdpbf16ps(acc, W[n, k:k+32], x[m, k:k+32]);
 //   s = reduce1(acc) (simd_reduce.h's fixed tree); for each tail k in order: s += W[n, k] * x[m, k].
-// The decode path (1-8 rows, streaming W once per row group) and the blocked path (more rows, tiles of 4 x 4
+// The decode path (1-8 rows, streaming W once per row group) and the blocked path (more rows, tiles of 4 x 6
 // summed 16 at a time by reduce16, the same tree) both compute exactly that. So a row's result alone equals
 // its result in any batch, and a prompt's rows give the same values however the prompt is chunked.
 #include <torch/extension.h>
