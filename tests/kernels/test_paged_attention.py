@@ -236,9 +236,10 @@ def _fill(cache: PagedKVCache, seed: int) -> None:
 @pytest.mark.parametrize(
     "dtype, kv_dtype, block_size", [(torch.float32, "auto", 8), (torch.bfloat16, "int8", 8), (torch.bfloat16, "auto", 16)]
 )
-def test_forward_batch_routes_short_query_blocks_through_one_kernel_call(monkeypatch, dtype, kv_dtype, block_size):
-    """Decode, verification and short-chunk rows share one paged segment, the long prefill keeps SDPA;
-    the result matches today's per-sequence paths (the kernel turned off)."""
+def test_forward_batch_routes_every_sequence_through_one_kernel_call(monkeypatch, dtype, kv_dtype, block_size):
+    """Decode, verification, short chunks and the long prefill share one paged segment (batch invariance: a
+    row's arithmetic must not depend on its chunk's length); the result matches the per-sequence paths used
+    without the kernel (decode rows gathered together, each longer chunk its own SDPA call)."""
     cache, step = _mixed_step(kv_dtype, dtype, block_size)
     g = torch.Generator().manual_seed(6)
     tokens = len(step["input_ids"])
@@ -251,7 +252,7 @@ def test_forward_batch_routes_short_query_blocks_through_one_kernel_call(monkeyp
         _fill(cache, seed=7)
         segments = [(s.seqs, s.query_len) for s in batch._segments]  # noqa: SLF001
         if kernel:
-            assert segments == [([0, 1, 2, 4], None), ([3], 40)]
+            assert segments == [([0, 1, 2, 3, 4], None)]
         else:
             assert segments == [([0, 2], 1), ([1], 5), ([3], 40), ([4], 12)]
         outputs.append([batch.attention(layer, q, k, v, 0.25, window, None) for layer, window in ((0, None), (1, 6))])
