@@ -67,10 +67,9 @@ class LLMEngine:
         model = load_model(source, self.dtype, config.device, quant)
         draft = load_model(draft_source, self.dtype, config.device, quant) if draft_source else None
         if not config.batch_invariant:
-            for loaded in (model, draft):
-                for module in loaded.modules() if loaded is not None else ():
-                    if isinstance(module, Linear):
-                        module.batch_invariant = False
+            for module in (m for loaded in (model, draft) if loaded is not None for m in loaded.modules()):
+                if isinstance(module, Linear):
+                    module.batch_invariant = False
         kv_cache = self._allocate_kv_cache(draft.config if draft else None)
         draft_cache = draft_kv_cache(draft.config, kv_cache, self.dtype, config.device) if draft else None
         self.kv_manager = KVCacheManager(
