@@ -90,7 +90,7 @@ def _canonical_json(kind: str, value: Any) -> str:
             raise InvalidRequestError(f"structured outputs: {kind} is not valid JSON: {e}") from None
     if not isinstance(value, dict) and not (kind == "json" and isinstance(value, bool)):
         raise InvalidRequestError(f"structured outputs: {kind} must be a JSON object")
-    try:
-        return json_module.dumps(value, sort_keys=True, ensure_ascii=False)
+    try:  # keys keep their order: the grammar emits properties in the schema's order, as OpenAI documents
+        return json_module.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError) as e:
         raise InvalidRequestError(f"structured outputs: {kind} cannot be serialized as JSON: {e}") from None

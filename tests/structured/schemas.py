@@ -1,6 +1,7 @@
 """JSON Schemas the structured-output tests generate against: every feature the issue lists (nested objects,
 arrays with min/maxItems, enum, const, anyOf/oneOf, pattern, numeric bounds, nullable types,
-additionalProperties: false, $defs/$ref), each with a prompt that invites it."""
+additionalProperties: false, $defs/$ref), each with a prompt that invites it. Integers are bounded: a model sampled at temperature 1 can write digits past
+any max_tokens, and a constraint cannot make it stop."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "optional_fields": {
         "type": "object",
-        "properties": {"id": {"type": "integer"}, "note": {"type": "string", "maxLength": 10}},
+        "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99999}, "note": {"type": "string", "maxLength": 10}},
         "required": ["id"],
         "additionalProperties": False,
     },
@@ -63,7 +64,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "tuple_prefix_items": {
         "type": "array",
-        "prefixItems": [{"type": "string", "maxLength": 5}, {"type": "integer"}, {"type": "boolean"}],
+        "prefixItems": [{"type": "string", "maxLength": 5}, {"type": "integer", "minimum": -999, "maximum": 999}, {"type": "boolean"}],
         "items": False,
         "minItems": 3,
     },
@@ -83,7 +84,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "one_of_objects": {
         "oneOf": [
             {"type": "object", "properties": {"circle": {"type": "number", "minimum": 0}}, "required": ["circle"], "additionalProperties": False},
-            {"type": "object", "properties": {"square": {"type": "integer", "minimum": 0}}, "required": ["square"], "additionalProperties": False},
+            {"type": "object", "properties": {"square": {"type": "integer", "minimum": 0, "maximum": 1000}}, "required": ["square"], "additionalProperties": False},
         ]
     },
     "pattern_phone": {"type": "string", "pattern": "^\\+?[0-9]{2,3}-[0-9]{3}-[0-9]{4}$"},
@@ -91,7 +92,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "format_like_email": {"type": "string", "pattern": "^[a-z]{1,8}@[a-z]{1,8}\\.(com|org|net)$"},
     "nullable_type_list": {
         "type": "object",
-        "properties": {"middle_name": {"type": ["string", "null"], "maxLength": 10}, "age": {"type": ["integer", "null"]}},
+        "properties": {"middle_name": {"type": ["string", "null"], "maxLength": 10}, "age": {"type": ["integer", "null"], "minimum": 0, "maximum": 130}},
         "required": ["middle_name", "age"],
         "additionalProperties": False,
     },
@@ -102,24 +103,29 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "additionalProperties": False,
     },
     "defs_ref": {
-        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"], "additionalProperties": False}},
+        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -999, "maximum": 999}, "y": {"type": "integer", "minimum": -999, "maximum": 999}}, "required": ["x", "y"], "additionalProperties": False}},
         "type": "object",
         "properties": {"start": {"$ref": "#/$defs/point"}, "end": {"$ref": "#/$defs/point"}},
         "required": ["start", "end"],
         "additionalProperties": False,
     },
-    "recursive_ref": {
+    # Nested $refs three levels deep. A self-referencing node is a branching process that a model sampled at
+    # temperature 1 may not end within max_tokens (the Qwen run once nested past 256 tokens), and no constraint
+    # can make it stop; RECURSIVE below is checked on the grammar matcher instead.
+    "nested_refs": {
         "$defs": {
-            "node": {
+            "leaf": {"type": "object", "properties": {"value": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["value"], "additionalProperties": False},
+            "branch": {
                 "type": "object",
-                # Optional children: a required list of up to two is a branching process that a model sampled
-                # at temperature 1 may never end (within max_tokens), and no constraint can stop that.
-                "properties": {"value": {"type": "integer", "minimum": 0, "maximum": 9}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+                "properties": {"value": {"type": "integer", "minimum": 0, "maximum": 9}, "children": {"type": "array", "items": {"$ref": "#/$defs/leaf"}, "maxItems": 2}},
                 "required": ["value"],
                 "additionalProperties": False,
-            }
+            },
         },
-        "$ref": "#/$defs/node",
+        "type": "object",
+        "properties": {"value": {"type": "integer", "minimum": 0, "maximum": 9}, "children": {"type": "array", "items": {"$ref": "#/$defs/branch"}, "maxItems": 2}},
+        "required": ["value"],
+        "additionalProperties": False,
     },
     "integer_multiple": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 10, "maximum": 99}}, "required": ["n"], "additionalProperties": False},
     "string_lengths": {"type": "object", "properties": {"code": {"type": "string", "minLength": 3, "maxLength": 3}}, "required": ["code"], "additionalProperties": False},
@@ -145,7 +151,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "deep_nesting": {
         "type": "object",
-        "properties": {"a": {"type": "object", "properties": {"b": {"type": "object", "properties": {"c": {"type": "array", "items": {"type": "integer"}, "maxItems": 2}}, "required": ["c"], "additionalProperties": False}}, "required": ["b"], "additionalProperties": False}},
+        "properties": {"a": {"type": "object", "properties": {"b": {"type": "object", "properties": {"c": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "maxItems": 2}}, "required": ["c"], "additionalProperties": False}}, "required": ["b"], "additionalProperties": False}},
         "required": ["a"],
         "additionalProperties": False,
     },
@@ -158,3 +164,16 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 assert len(SCHEMAS) >= 30, len(SCHEMAS)
+
+# A node whose children are nodes: unbounded depth, so the grammar itself must recurse.
+RECURSIVE = {
+    "$defs": {
+        "node": {
+            "type": "object",
+            "properties": {"value": {"type": "integer", "minimum": 0, "maximum": 9}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+            "required": ["value"],
+            "additionalProperties": False,
+        }
+    },
+    "$ref": "#/$defs/node",
+}

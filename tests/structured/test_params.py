@@ -12,6 +12,9 @@ from ember.structured.params import StructuredOutputsParams as Constraint
 def test_one_constraint_and_its_key():
     schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
     assert Constraint(json=schema).key() == Constraint(json='{"type": "object", "properties": '
+                                                          '{"b": {"type": "integer"}, "a": {"type": "string"}}}').key()
+    # Property order is meaning: the output's keys come in the schema's order.
+    assert Constraint(json=schema).key() != Constraint(json='{"type": "object", "properties": '
                                                           '{"a": {"type": "string"}, "b": {"type": "integer"}}}').key()
     assert Constraint(json=schema).key() != Constraint(json=schema, disable_any_whitespace=True).key()
     assert Constraint(regex="a+").kind == "regex"

@@ -12,11 +12,11 @@ import re
 import jsonschema
 import pytest
 from helpers import assert_no_leak
-from schemas import SCHEMAS
+from schemas import RECURSIVE, SCHEMAS
 
 from ember import LLM, SamplingParams
 from ember.model_zoo import default_model_path, qwen25_coder_05b_path
-from ember.structured.backend import raw_vocabulary
+from ember.structured.backend import StructuredOutputBackend, raw_vocabulary
 from ember.structured.params import StructuredOutputsParams as Constraint
 from ember.tokenizer import Tokenizer
 
@@ -58,7 +58,11 @@ def test_every_schema_validates(llm, model):
         completion = out.outputs[0]
         try:
             assert completion.finish_reason == "stop", f"finished by {completion.finish_reason}"
-            jsonschema.validate(json.loads(completion.text), SCHEMAS[name])
+            value = json.loads(completion.text)
+            jsonschema.validate(value, SCHEMAS[name])
+            declared = list(SCHEMAS[name].get("properties", {}))
+            if isinstance(value, dict):  # properties come in the schema's order
+                assert [k for k in value if k in declared] == [k for k in declared if k in value], "key order"
         except (AssertionError, ValueError, jsonschema.ValidationError) as e:
             failures.append(f"{name} seed {seed}: {str(e).splitlines()[0]}: {completion.text!r}")
     assert not failures, "\n".join(failures)
@@ -111,3 +115,32 @@ def test_raw_vocabulary_spells_tokens_as_decoded(model):
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert b"".join(vocab[i] for i in ids) == text.encode(), text
     assert all(vocab[i] == b"" for i in tokenizer.all_special_ids)
+
+
+def _tree(depth: int) -> dict:
+    return {"value": depth % 10} if depth == 0 else {"value": depth % 10, "children": [_tree(depth - 1), _tree(depth - 1)]}
+
+
+def test_recursive_schema_accepts_any_depth_and_rejects_what_breaks_it(model):
+    """A self-referencing $ref compiles to a recursive grammar: a tree eight levels deep is accepted token by
+    token and ends at EOS; three children (maxItems 2), an unknown key or keys out of the schema's order are
+    refused. Sampled recursion is not part of the schema sweep: a model at temperature 1 may nest past any
+    max_tokens."""
+    tokenizer = Tokenizer.from_pretrained(MODELS[model]())
+    backend = StructuredOutputBackend(tokenizer, tokenizer.vocab_size, tokenizer.eos_token_ids)
+    try:
+        constraint = Constraint(json=RECURSIVE)
+
+        def accepts(value: object) -> bool:
+            matcher = backend.matcher(constraint)
+            ids = tokenizer.encode(json.dumps(value), add_special_tokens=False)
+            return all(matcher.accept_token(i) for i in ids) and matcher.accept_token(tokenizer.eos_token_id) and matcher.is_terminated()
+
+        deep = _tree(8)
+        jsonschema.validate(deep, RECURSIVE)
+        assert accepts(deep)
+        assert not accepts({"value": 1, "children": [{"value": 2}, {"value": 3}, {"value": 4}]})
+        assert not accepts({"value": 1, "children": [{"value": 2, "name": "x"}]})
+        assert not accepts({"children": [{"value": 2}], "value": 1})
+    finally:
+        backend.shutdown()
