@@ -13,7 +13,7 @@ token ids (from ember's tokenizer, BOS first) and the same environment (OMP_WAIT
 
     python bench/bench_single_stream.py                       # all engines, one markdown table
     python bench/bench_single_stream.py --engines ember-bf16,llama.cpp --repeats 5 --out results.json
-    python bench/bench_single_stream.py --profile              # second table: where ember bf16 decode time goes
+    python bench/bench_single_stream.py --profile              # where ember bf16 decode time goes: the roofline report
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from typing import Any, Protocol
 ENGINES = ("ember-gguf", "ember-bf16", "ember-fp32", "llama.cpp", "hf-bf16", "hf-fp32")
 BASELINE = "llama.cpp"
 RESULT_PREFIX = "BENCH_RESULT "
-MEMORY_BANDWIDTH_GBS = 48.0  # assumed DRAM bandwidth for the roofline estimate
 PROFILE_STEPS = 32
 
 # Any fixed English text works: it is only turned into token ids (repeated when a prompt needs more).
@@ -229,16 +228,13 @@ def child_main(engine: str, prompts_file: str, decode_tokens: int, repeats: int,
 # ---------------------------------------------------------------------------------------------------
 
 
-def _event_ms(events: Any, name: str, predicate: Callable[[Any], bool] = lambda e: True) -> float:
-    """Total CPU time (ms, children included) of the profiled events called `name`."""
-    return sum(e.cpu_time_total for e in events if e.key == name and predicate(e)) / 1e3
-
-
 def profile_child(prompts_file: str) -> None:
+    """Decode steps of ember bf16, timed whole and then phase by phase (ember.benchmarks.step_profile),
+    against the machine's measured ceilings (the roofline report of `ember bench`)."""
     from ember import LLM, SamplingParams
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    from ember.benchmarks.ceilings import machine_ceilings
+    from ember.benchmarks.roofline import ModelCost, build_report, report_table
+    from ember.benchmarks.step_profile import StepProfiler
 
     with open(prompts_file) as f:
         prompt = json.load(f)["prompt"]
@@ -249,44 +245,16 @@ def profile_child(prompts_file: str) -> None:
     engine.add_request("profile", prompt, params)
     for _ in range(1 + warmup):  # prefill, then a few decode steps
         engine.step()
-    start = time.perf_counter()
-    for _ in range(PROFILE_STEPS):
-        engine.step()
-    plain_ms = (time.perf_counter() - start) * 1e3 / PROFILE_STEPS
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        start = time.perf_counter()
+    with StepProfiler(engine, detailed=False) as timed:
         for _ in range(PROFILE_STEPS):
             engine.step()
-        profiled_ms = (time.perf_counter() - start) * 1e3 / PROFILE_STEPS
+    with StepProfiler(engine) as profiler:
+        for _ in range(PROFILE_STEPS):
+            engine.step()
     engine.abort_request("profile")
-
-    model = engine.runner.model
-    config = engine.model_config
-    head_shape = [config.vocab_size, config.hidden_size]
-    events = prof.key_averages(group_by_input_shape=True)
-    linear_ms = _event_ms(events, "aten::linear") / PROFILE_STEPS
-    head_ms = _event_ms(events, "aten::linear", lambda e: head_shape in e.input_shapes) / PROFILE_STEPS
-    attention_ms = _event_ms(events, "aten::scaled_dot_product_attention") / PROFILE_STEPS
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied head counted once
-    roofline_ms = weight_bytes / (MEMORY_BANDWIDTH_GBS * 1e9) * 1e3
-    report = {
-        "engine": "ember-bf16",
-        "steps": PROFILE_STEPS,
-        "torch_threads": torch.get_num_threads(),
-        "ms_per_token": plain_ms,
-        "ms_per_token_profiled": profiled_ms,
-        "linear_ms": linear_ms,
-        "lm_head_ms": head_ms,
-        "attention_ms": attention_ms,
-        "other_ms": profiled_ms - linear_ms - attention_ms,
-        "weight_bytes": weight_bytes,
-        "roofline_ms": roofline_ms,
-        "bandwidth_gbs": MEMORY_BANDWIDTH_GBS,
-        "top_ops": [
-            {"name": e.key, "self_ms": e.self_cpu_time_total / 1e3 / PROFILE_STEPS, "calls": e.count / PROFILE_STEPS}
-            for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-        ],
-    }
+    roofline = build_report(profiler.records, ModelCost.of_engine(engine), machine_ceilings(engine.runner.device),
+                            engine.runner.model.dtype, timed.mean_step_ms())  # fmt: skip
+    report = {"engine": "ember-bf16", "steps": PROFILE_STEPS, "roofline": roofline.to_dict(), "table": report_table(roofline)}
     print(RESULT_PREFIX + json.dumps(report), flush=True)
 
 
@@ -411,26 +379,7 @@ def agreement_note(results: Sequence[dict[str, Any]]) -> str:
 
 
 def profile_table(p: dict[str, Any]) -> str:
-    total = p["ms_per_token_profiled"]
-
-    def row(label: str, ms: float) -> str:
-        return f"| {label} | {ms:.2f} | {100 * ms / total:.0f}% |"
-
-    lines = [
-        f"| ember bf16 decode, per token (mean of {p['steps']} steps) | ms | share |",
-        "|---|---:|---:|",
-        f"| total, without profiler | {p['ms_per_token']:.2f} | |",
-        row("total, under profiler", total),
-        row("weight matmuls (aten::linear, incl. LM head)", p["linear_ms"]),
-        row("  of which LM head (tied embedding)", p["lm_head_ms"]),
-        row("attention (scaled_dot_product_attention)", p["attention_ms"]),
-        row("everything else (norms, rotary, sampling, Python/dispatch)", p["other_ms"]),
-        f"| roofline: {p['weight_bytes'] / 1e6:.0f} MB of weights / {p['bandwidth_gbs']:.0f} GB/s "
-        f"| {p['roofline_ms']:.2f} | {1e3 / p['roofline_ms']:.0f} tok/s max |",
-    ]
-    ops = ["", "top ops by self CPU time (ms per token, calls per token):"]
-    ops += [f"  {o['name']}: {o['self_ms']:.3f} ms, {o['calls']:.0f} calls" for o in p["top_ops"]]
-    return "\n".join(lines + ops)
+    return f"ember bf16 decode, {p['steps']} steps\n\n{p['table']}"
 
 
 def print_machine(info: dict[str, Any]) -> None:

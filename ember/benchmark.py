@@ -8,6 +8,10 @@ requests (in the spirit of vLLM's benchmark_throughput / benchmark_latency).
   token (TTFT, until every request of the batch has one), the time per output token after the first (TPOT)
   and the end-to-end latency: mean, p50 and p99 over the timed iterations.
 
+Both then run the same workload once more with every phase of every step timed (ember.benchmarks) and print
+the roofline report: the machine's measured ceilings, and per phase its time, bytes, FLOPs and share of the
+ceilings (`--no-roofline` skips it, `--plot PATH` draws it).
+
 Random prompts are fresh for every request and iteration, so the prefix cache never shortcuts a prefill.
 The dataset helpers (`random_requests`, `sharegpt_requests`) are also used by bench/bench_throughput.py.
 """
@@ -25,6 +29,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ember.bench_serve import add_serve_bench_parser, bench_serve, result_table
+from ember.benchmarks.ceilings import machine_ceilings
+from ember.benchmarks.roofline import ModelCost, build_report, plot, report_table
+from ember.benchmarks.step_profile import StepProfiler
 from ember.errors import EmberError, InvalidRequestError
 from ember.scaling.bench import add_scaling_bench_parser, run_scaling_bench
 
@@ -330,6 +337,12 @@ def add_bench_parser(commands: Any) -> None:
         sub.add_argument("--seed", type=int, default=0, help="seed of the random prompts / ShareGPT order (default: 0)")
         sub.add_argument("--output-json", default=None, help="also write the results to this JSON file")
         sub.add_argument("--verbose", action="store_true", help="log engine details to stderr")
+        sub.add_argument("--no-roofline", dest="roofline", action="store_false",
+                         help="skip the profiled pass and its roofline report (phases, bytes, FLOPs against the "
+                              "machine's measured ceilings)")  # fmt: skip
+        sub.add_argument("--plot", default=None, metavar="PATH", help="write the roofline as a PNG (needs matplotlib)")
+        sub.add_argument("--remeasure-ceilings", action="store_true",
+                         help="measure the machine's bandwidth and matmul peaks again instead of using the cache")
     throughput.add_argument("--num-prompts", type=int, default=64, help="number of requests (default: 64)")
     throughput.add_argument(
         "--dataset", choices=("random", "sharegpt"), default="random", help="prompt source (default: random)"
@@ -371,19 +384,53 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
         engine.max_model_len,
     )
     warm_up(llm, vocab, args.seed)
-    result = run_throughput(llm, requests)
+    with StepProfiler(engine, detailed=False) as timed:
+        result = run_throughput(llm, requests)
     lengths = {"input_len": args.input_len, "output_len": args.output_len}
     if args.dataset == "random":
         lengths = {"input_len": args.input_len or DEFAULT_INPUT_LEN, "output_len": args.output_len or DEFAULT_OUTPUT_LEN}
-    return {"benchmark": "throughput", "settings": settings(args, engine) | lengths, "results": asdict(result)}
+    report = {"benchmark": "throughput", "settings": settings(args, engine) | lengths, "results": asdict(result)}
+    if args.roofline:
+        # The same workload again on fresh prompts (a repeat would hit the prefix cache), with every phase timed.
+        again = make_requests(
+            llm.get_tokenizer(), args.dataset, args.num_prompts, args.input_len, args.output_len, args.seed + 1, vocab,
+            engine.max_model_len,
+        )
+        with StepProfiler(engine) as profiler:
+            run_throughput(llm, again)
+        report["roofline"] = roofline_report(args, engine, profiler, timed)
+    return report
 
 
 def bench_latency(args: argparse.Namespace) -> dict[str, Any]:
     llm = make_llm(args)
-    result = run_latency(
-        llm, args.input_len, args.output_len, args.batch_size, args.num_iters, args.num_iters_warmup, args.seed
-    )
-    return {"benchmark": "latency", "settings": settings(args, llm.engine), "results": asdict(result)}
+    engine = llm.engine
+    with StepProfiler(engine, detailed=False) as timed:
+        result = run_latency(
+            llm, args.input_len, args.output_len, args.batch_size, args.num_iters, args.num_iters_warmup, args.seed
+        )
+    report = {"benchmark": "latency", "settings": settings(args, engine), "results": asdict(result)}
+    if args.roofline:  # one more iteration of the same shape (fresh prompts), every phase timed
+        tokenizer = llm.get_tokenizer()
+        vocab = min(tokenizer.vocab_size, engine.model_config.vocab_size)
+        seed = args.seed + args.num_iters_warmup + args.num_iters
+        prompts = random_requests(tokenizer, args.batch_size, args.input_len, args.output_len, seed, vocab)
+        with StepProfiler(engine) as profiler:
+            time_batch(engine, [r.prompt_token_ids for r in prompts], args.output_len, "roofline")
+        report["roofline"] = roofline_report(args, engine, profiler, timed)
+    return report
+
+
+def roofline_report(args: argparse.Namespace, engine: Any, profiler: StepProfiler, timed: StepProfiler) -> dict[str, Any]:
+    """Print the roofline of the profiled steps (and plot it with --plot); the report's JSON form."""
+    ceilings = machine_ceilings(engine.runner.device, remeasure=args.remeasure_ceilings)
+    report = build_report(profiler.records, ModelCost.of_engine(engine), ceilings, engine.runner.model.dtype,
+                          timed.mean_step_ms())  # fmt: skip
+    print(report_table(report) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return report.to_dict()
 
 
 def settings(args: argparse.Namespace, engine: Any) -> dict[str, Any]:

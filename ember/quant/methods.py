@@ -59,6 +59,9 @@ class Segment:
         """float32 [rows, K]."""
         return unpack(self.packed) if self.packed is not None else self.weight.to(torch.float32)
 
+    def nbytes(self) -> int:
+        return self.packed.nbytes() if self.packed is not None else self.weight.numel() * self.weight.element_size()
+
 
 @dataclass
 class PackedWeight:
@@ -79,6 +82,9 @@ class LinearMethod(Protocol):
     def process_weights_after_loading(self, layer: Linear) -> None: ...
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None) -> torch.Tensor: ...
     def embedding(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor: ...
+    def weight_bytes(self, layer: Linear) -> int:
+        """Bytes of weight one matmul reads (codes and scales as stored; the roofline's weight traffic)."""
+        ...
 
 
 def _shard_rows(layer: Linear, shard: int) -> tuple[int, int]:
@@ -116,6 +122,9 @@ class UnquantizedMethod:
 
     def embedding(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)
+
+    def weight_bytes(self, layer: Linear) -> int:
+        return layer.weight.numel() * layer.weight.element_size()
 
 
 class QuantizedMethod:
@@ -186,6 +195,9 @@ class QuantizedMethod:
             raise CorruptModelError("a quantized embedding must be a single packed weight")
         rows = embedding_rows(self.segments[0].packed, ids)  # dequantizes only the looked-up rows
         return rows.to(layer.dtype).view(*ids.shape, layer.in_features)
+
+    def weight_bytes(self, layer: Linear) -> int:
+        return sum(s.nbytes() for s in self.segments)
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([s.dequantize() for s in self.segments])
